@@ -1,0 +1,169 @@
+"""A frozen diffusers text-to-image model (Stable Diffusion layout) and the diffusion math stages 1 and 2 need."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import diffusers
+import torch
+import transformers
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from dd3d.cli import UserError
+
+# Loading chatter (per-file progress bars, dtype advice) is noise in a command-line tool; errors still show.
+diffusers.utils.logging.set_verbosity_error()
+diffusers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "tiny" / "model"
+
+
+def resolve_model_source(source: str | Path | None) -> str:
+    """The embedded default when `source` is None, else a local folder or a hub id, checked before loading."""
+    if source is None or str(source) == "":
+        if not (DEFAULT_MODEL / "model_index.json").is_file():
+            raise UserError(
+                f"the embedded default model is not installed at {DEFAULT_MODEL}; "
+                "pass --model <hub id or local diffusers folder>"
+            )
+        return str(DEFAULT_MODEL)
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "unet" / "config.json").is_file():
+            raise UserError(f"{path} is not a diffusers text-to-image folder (no unet/config.json)")
+        return str(path)
+    if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+        raise UserError(f"model '{source}' is neither an existing folder nor a hub id of the form owner/name")
+    return str(source)
+
+
+def text_encoder_fingerprint(text_encoder: CLIPTextModel) -> str:
+    """sha256 of the text encoder's weights (as float32) and shapes: identifies it across dtypes and devices."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(text_encoder.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class Backbone:
+    """Tokenizer, text encoder, UNet, VAE and noise schedule of one frozen model."""
+
+    def __init__(self, tokenizer, text_encoder, unet, vae, scheduler, model_id: str, fingerprint: str):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.unet = unet
+        self.vae = vae
+        self.scheduler = scheduler
+        self.model_id = model_id
+        self.fingerprint = fingerprint
+        for module in (text_encoder, unet, vae):
+            module.requires_grad_(False)
+            module.eval()
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(unet.device, torch.float32)
+
+    @classmethod
+    def load(cls, source: str | Path | None = None, device="cpu", dtype=torch.float32, vae_dtype=torch.float32):
+        """Load from a hub id, a local diffusers folder, or (source None) the embedded default model."""
+        model_id = resolve_model_source(source)
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
+            text_encoder = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder")
+            unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet")
+            vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae")
+            scheduler = DDPMScheduler.from_pretrained(model_id, subfolder="scheduler")
+        except Exception as err:  # hub, file and config errors all mean "this model cannot be loaded"
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"cannot load model '{source}': {reason}") from None
+        fingerprint = text_encoder_fingerprint(text_encoder)
+        text_encoder.to(device, dtype)
+        unet.to(device, dtype)
+        vae.to(device, vae_dtype)
+        return cls(tokenizer, text_encoder, unet, vae, scheduler, str(source or "embedded-default"), fingerprint)
+
+    # --- facts about the model -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """The native image size: the UNet's latent size times the VAE's downsampling."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    # --- images <-> latents ------------------------------------------------------------------------------------
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1], (B, 3, H, W) -> scaled latents (the posterior mean)."""
+        pixels = pixels.to(self.vae.device, self.vae.dtype)
+        return self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> pixels in [-1, 1]."""
+        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        return self.vae.decode(latents).sample.clamp(-1, 1)
+
+    # --- the noise schedule ------------------------------------------------------------------------------------
+    def _schedule(self, t: torch.Tensor, like: torch.Tensor):
+        alpha_bar = self.alphas_cumprod.to(like.device)[t].view(-1, *([1] * (like.dim() - 1)))
+        return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = self._schedule(t, latents)
+        return alpha * latents + sigma * noise
+
+    def training_target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the UNet is trained to output: noise (epsilon), velocity (v_prediction) or the clean latent."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            alpha, sigma = self._schedule(t, latents)
+            return alpha * noise - sigma * latents
+        if self.prediction_type == "sample":
+            return latents
+        raise UserError(f"unsupported prediction type '{self.prediction_type}'")
+
+    def eps_from_prediction(self, prediction: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Convert the UNet's output to a noise estimate, whatever its prediction type."""
+        if self.prediction_type == "epsilon":
+            return prediction
+        alpha, sigma = self._schedule(t, noisy)
+        if self.prediction_type == "v_prediction":
+            return sigma * noisy + alpha * prediction
+        if self.prediction_type == "sample":
+            return (noisy - alpha * prediction) / sigma
+        raise UserError(f"unsupported prediction type '{self.prediction_type}'")
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        alpha_bar = self.alphas_cumprod.to(t.device)[t]
+        return alpha_bar / (1 - alpha_bar)
+
+    def predict(self, noisy: torch.Tensor, t: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """The UNet's raw output (in its prediction type) for noisy latents at timesteps t."""
+        dtype = self.unet.dtype
+        return self.unet(noisy.to(dtype), t, encoder_hidden_states=text_embeddings.to(dtype)).sample
+
+    # --- plain text ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """Encoder hidden states (B, 77, d) for plain prompts, as a diffusers pipeline computes them."""
+        ids = self.tokenizer(
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.text_encoder.device)
+        return self.text_encoder(ids).last_hidden_state

@@ -1,0 +1,234 @@
+"""Stage 1: learn a distribution over soft prompts from reference images (DreamDistribution)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from dd3d.backbone import Backbone
+from dd3d.cli import UserError, prepare_run_dir
+from dd3d.data import load_reference_images, training_views
+from dd3d.distribution import Gaussian, PromptDistribution
+from dd3d.files import atomic_write
+from dd3d.prompts import SoftPromptEncoder
+from dd3d.sample2d import generate, image_grid, make_pipeline
+
+PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class PromptLearner(torch.nn.Module):
+    """The only trainable tensor: K contexts of n_ctx token embeddings, encoded by the frozen text encoder."""
+
+    def __init__(self, encoder: SoftPromptEncoder, num_prompts: int, init_std: float, seed: int):
+        super().__init__()
+        self.encoder = encoder  # not a Module: its frozen text encoder stays outside this module's parameters
+        width = encoder.text_encoder.config.hidden_size
+        generator = torch.Generator().manual_seed(seed)
+        self.ctx = torch.nn.Parameter(torch.randn(num_prompts, encoder.n_ctx, width, generator=generator) * init_std)
+
+    def forward(self):
+        """Encoder outputs (K, 77, d) and EOS features (K, d) of the K prompts."""
+        return self.encoder(self.ctx)
+
+
+def min_snr_weights(backbone: Backbone, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) expressed for the model's prediction type."""
+    if gamma <= 0:
+        return torch.ones_like(t, dtype=torch.float32)
+    snr = backbone.snr(t)
+    clipped = snr.clamp(max=gamma)
+    if backbone.prediction_type == "epsilon":
+        return clipped / snr
+    if backbone.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
+
+
+def denoising_loss(
+    backbone: Backbone,
+    hidden: torch.Tensor,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    prompt_eps: torch.Tensor,
+    min_snr_gamma: float,
+) -> torch.Tensor:
+    """Mean denoising loss of M reparameterised prompt draws per latent.
+
+    hidden (K, 77, d): the K prompts' encoder outputs; latents/noise (B, C, h, w) and t (B,) are shared by the
+    M draws of each latent; prompt_eps (B, M, 77, d) are the standard-normal draws for `mean + eps * std`.
+    """
+    gaussian = Gaussian.from_hidden(hidden)
+    draws = prompt_eps.shape[1]
+    embeddings = (gaussian.mean + prompt_eps.to(hidden) * gaussian.std).flatten(0, 1)
+    latents, noise, t = (x.repeat_interleave(draws, dim=0) for x in (latents, noise, t))
+    noisy = backbone.add_noise(latents, noise, t)
+    prediction = backbone.predict(noisy, t, embeddings).float()
+    target = backbone.training_target(latents, noise, t).float()
+    per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * min_snr_weights(backbone, t, min_snr_gamma)).mean()
+
+
+def orthogonality_loss(features: torch.Tensor) -> torch.Tensor:
+    """Mean squared cosine similarity between distinct prompts' EOS features (K, d): sum over i != j / K(K-1)."""
+    count = features.shape[0]
+    unit = F.normalize(features.float(), dim=-1)
+    similarity = unit @ unit.T
+    off_diagonal = similarity - torch.diag(torch.diagonal(similarity))
+    return off_diagonal.pow(2).sum() / (count * (count - 1))
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The random stream of one training step: a function of (seed, step, rank) only, so a resumed run draws
+    exactly what an uninterrupted one would."""
+    state = np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def resolve_precision(choice: str) -> str:
+    if choice == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if choice not in PRECISION_DTYPES:
+        raise UserError(f"train.mixed_precision must be auto, no, fp16 or bf16, not '{choice}'")
+    return choice
+
+
+class Checkpoints:
+    """Atomic `checkpoints/step-NNNNNN.pt` files holding ctx and the optimizer; only the newest few are kept."""
+
+    def __init__(self, folder: Path, keep: int):
+        self.folder, self.keep = folder, max(1, keep)
+
+    def paths(self) -> list[Path]:
+        return sorted(self.folder.glob("step-*.pt"))
+
+    def save(self, step: int, ctx: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        state = {"step": step, "ctx": ctx.detach().cpu(), "optimizer": optimizer.state_dict()}
+        atomic_write(self.folder / f"step-{step:06d}.pt", lambda tmp: torch.save(state, tmp))
+        for old in self.paths()[: -self.keep]:
+            old.unlink()
+
+    def load_latest(self) -> dict | None:
+        paths = self.paths()
+        return torch.load(paths[-1], map_location="cpu", weights_only=True) if paths else None
+
+
+def encode_reference_set(backbone: Backbone, cfg: DictConfig, resolution: int) -> torch.Tensor:
+    """All training views of the reference images, encoded to latents once (the VAE is frozen)."""
+    images, _ = load_reference_images(Path(cfg.images), min_side=resolution)
+    augment = cfg.augment
+    views, _ = training_views(images, resolution, augment.flip, augment.crops, augment.crop_scale, cfg.seed)
+    with torch.no_grad():
+        latents = [backbone.encode_images(chunk).float() for chunk in views.split(8)]
+    return torch.cat(latents)
+
+
+def check_resolution(backbone: Backbone, resolution: int) -> None:
+    multiple = backbone.vae_scale_factor * 2 ** (len(backbone.unet.config.block_out_channels) - 1)
+    if resolution % multiple:
+        raise UserError(f"resolution must be a multiple of {multiple} for this model, not {resolution}")
+
+
+def write_sample_grid(backbone, learner, cfg, resolution: int, path: Path) -> None:
+    """A grid of images from the current distribution, always from the same draws (sample.seed)."""
+    with torch.no_grad():
+        hidden, _ = learner()
+    generator = torch.Generator().manual_seed(cfg.sample.seed)
+    embeddings = Gaussian.from_hidden(hidden.float()).sample(cfg.sample.n, generator=generator)
+    empty = backbone.encode_text([""])
+    images = generate(
+        make_pipeline(backbone), embeddings, empty, cfg.sample.steps, cfg.sample.guidance, cfg.sample.seed, resolution
+    )
+    atomic_write(path, lambda tmp: image_grid(images).save(tmp, format="PNG"))
+
+
+def train(cfg: DictConfig) -> Path:
+    """Run (or resume) stage 1 as configured; returns the path of the distribution file."""
+    out = Path(cfg.out)
+    precision = resolve_precision(cfg.train.mixed_precision)
+    accelerator = Accelerator(mixed_precision=precision)
+    main = accelerator.is_main_process
+    if main:
+        prepare_run_dir(out, cfg.resume, cfg.overwrite)
+        atomic_write(out / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
+    accelerator.wait_for_everyone()
+
+    weight_dtype = PRECISION_DTYPES[precision]
+    backbone = Backbone.load(cfg.model, device=accelerator.device, dtype=weight_dtype)
+    resolution = cfg.resolution or backbone.resolution
+    check_resolution(backbone, resolution)
+    latents = encode_reference_set(backbone, cfg, resolution)
+
+    prompt = cfg.prompt
+    encoder = SoftPromptEncoder(backbone.tokenizer, backbone.text_encoder, prompt.n_ctx, prompt.prefix, prompt.suffix)
+    learner = PromptLearner(encoder, prompt.num_prompts, prompt.init_std, cfg.seed).to(accelerator.device)
+    optimizer = torch.optim.AdamW(learner.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    checkpoints = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
+    start = 0
+    if cfg.resume and (state := checkpoints.load_latest()) is not None:
+        with torch.no_grad():
+            learner.ctx.copy_(state["ctx"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    learner, optimizer = accelerator.prepare(learner, optimizer)
+    plain_learner = accelerator.unwrap_model(learner)
+
+    log = open(out / "train.log", "a") if main else None
+    if log:
+        log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} steps {start}->{cfg.steps} on {accelerator.device}, "
+                  f"precision {precision}, {len(latents)} views, model {backbone.model_id} ({backbone.prediction_type})\n")
+    progress = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not main, desc="learn")
+    batch, draws = cfg.train.batch_size, cfg.train.num_samples
+    for step in progress:
+        generator = step_generator(cfg.seed, step, accelerator.process_index)
+        order = torch.randperm(len(latents), generator=generator)
+        picked = latents[order[:batch]] if len(latents) >= batch else latents[torch.randint(len(latents), (batch,), generator=generator)]
+        noise = torch.randn(picked.shape, generator=generator)
+        t = torch.randint(0, backbone.num_train_timesteps, (batch,), generator=generator)
+        prompt_eps = torch.randn((batch, draws, *encoder.input_ids.shape, backbone.text_encoder.config.hidden_size), generator=generator)
+        device = accelerator.device
+        with accelerator.autocast():
+            hidden, eos = learner()
+            denoise = denoising_loss(backbone, hidden, picked.to(device), noise.to(device), t.to(device),
+                                     prompt_eps, cfg.train.min_snr_gamma)
+            ortho = orthogonality_loss(eos)
+            loss = denoise + cfg.train.ortho_weight * ortho
+        if not torch.isfinite(loss):
+            raise UserError(f"the loss became {loss.item()} at step {step + 1}; lower train.lr or use "
+                            "train.mixed_precision=no (the last checkpoint is kept)")
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(learner.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+        if log and (done % cfg.log_every == 0 or done == cfg.steps):
+            log.write(f"step {done} loss {loss.item():.6f} denoise {denoise.item():.6f} ortho {ortho.item():.6f}\n")
+            log.flush()
+        if main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            checkpoints.save(done, plain_learner.ctx, optimizer)
+        if main and cfg.sample.every and (done % cfg.sample.every == 0 or done == cfg.steps):
+            write_sample_grid(backbone, plain_learner, cfg, resolution, out / "samples" / f"step-{done:06d}.png")
+    progress.close()
+
+    path = out / "distribution.safetensors"
+    if main:
+        PromptDistribution(
+            ctx=plain_learner.ctx.detach().float().cpu(),
+            prefix=prompt.prefix,
+            suffix=prompt.suffix,
+            model_id=backbone.model_id,
+            fingerprint=backbone.fingerprint,
+        ).save(path)
+        log.write(f"wrote {path}\n")
+        log.close()
+    accelerator.wait_for_everyone()
+    return path
