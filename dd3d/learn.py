@@ -1,7 +1,14 @@
-"""Stage 1: learn a distribution over soft prompts from reference images (DreamDistribution)."""
+"""Stage 1: learn a distribution over soft prompts from reference images (DreamDistribution).
+
+Example:
+  python scripts/train_distribution.py --images refs/ --model stabilityai/stable-diffusion-2-1-base --out outputs/x
+  python scripts/train_distribution.py --out outputs/x resume=true      # continue after a kill
+  accelerate launch scripts/train_distribution.py ...                   # several GPUs
+"""
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -13,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from dd3d.backbone import Backbone
-from dd3d.cli import UserError, prepare_run_dir
+from dd3d.cli import UserError, add_config_arguments, load_config, prepare_run_dir
 from dd3d.data import load_reference_images, training_views
 from dd3d.distribution import Gaussian, PromptDistribution
 from dd3d.files import atomic_write
@@ -120,9 +127,8 @@ class Checkpoints:
         return torch.load(paths[-1], map_location="cpu", weights_only=True) if paths else None
 
 
-def encode_reference_set(backbone: Backbone, cfg: DictConfig, resolution: int) -> torch.Tensor:
+def encode_views(backbone: Backbone, images, cfg: DictConfig, resolution: int) -> torch.Tensor:
     """All training views of the reference images, encoded to latents once (the VAE is frozen)."""
-    images, _ = load_reference_images(Path(cfg.images), min_side=resolution)
     augment = cfg.augment
     views, _ = training_views(images, resolution, augment.flip, augment.crops, augment.crop_scale, cfg.seed)
     with torch.no_grad():
@@ -155,16 +161,16 @@ def train(cfg: DictConfig) -> Path:
     precision = resolve_precision(cfg.train.mixed_precision)
     accelerator = Accelerator(mixed_precision=precision)
     main = accelerator.is_main_process
+    # Check the inputs before anything is written, so a bad folder or model leaves no half-made run behind.
+    backbone = Backbone.load(cfg.model, device=accelerator.device, dtype=PRECISION_DTYPES[precision])
+    resolution = cfg.resolution or backbone.resolution
+    check_resolution(backbone, resolution)
+    images, _ = load_reference_images(Path(cfg.images), min_side=resolution)
     if main:
         prepare_run_dir(out, cfg.resume, cfg.overwrite)
         atomic_write(out / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
     accelerator.wait_for_everyone()
-
-    weight_dtype = PRECISION_DTYPES[precision]
-    backbone = Backbone.load(cfg.model, device=accelerator.device, dtype=weight_dtype)
-    resolution = cfg.resolution or backbone.resolution
-    check_resolution(backbone, resolution)
-    latents = encode_reference_set(backbone, cfg, resolution)
+    latents = encode_views(backbone, images, cfg, resolution)
 
     prompt = cfg.prompt
     encoder = SoftPromptEncoder(backbone.tokenizer, backbone.text_encoder, prompt.n_ctx, prompt.prefix, prompt.suffix)
@@ -232,3 +238,27 @@ def train(cfg: DictConfig) -> Path:
         log.close()
     accelerator.wait_for_everyone()
     return path
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="train_distribution.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", help="folder of reference images")
+    parser.add_argument("--model", help="hub id or local diffusers folder (default: the embedded model)")
+    parser.add_argument("--out", help="run folder (default: outputs/<image folder name>)")
+    add_config_arguments(parser)
+    args = parser.parse_intermixed_args(argv)
+    flags = {"images": args.images, "model": args.model, "out": args.out}
+    cfg = load_config("train_distribution.yaml", args.config, args.overrides, **flags)
+    if cfg.out is None and cfg.images is not None:
+        cfg.out = str(Path("outputs") / Path(cfg.images).resolve().name)
+    if cfg.out is None:
+        raise UserError("pass --images <folder of reference images> (and optionally --out <run folder>)")
+    saved = Path(cfg.out) / "config.yaml"
+    if cfg.resume and saved.is_file():
+        # Resuming: the saved run's settings, with this command's overrides on top.
+        cfg = load_config("train_distribution.yaml", args.config, args.overrides, base=saved, **flags)
+    if cfg.images is None:
+        raise UserError("pass --images <folder of reference images>")
+    print(f"wrote {train(cfg)}")

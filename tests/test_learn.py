@@ -1,0 +1,98 @@
+import math
+
+import pytest
+import torch
+
+from dd3d.learn import PromptLearner, denoising_loss, min_snr_weights, orthogonality_loss
+from dd3d.prompts import SoftPromptEncoder
+
+
+def make_learner(backbone, k=8, seed=0):
+    encoder = SoftPromptEncoder(backbone.tokenizer, backbone.text_encoder, n_ctx=4, prefix="a", suffix="")
+    return PromptLearner(encoder, num_prompts=k, init_std=0.02, seed=seed)
+
+
+def random_batch(backbone, batch=2, draws=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, 4, 8, 8, generator=generator)
+    noise = torch.randn(batch, 4, 8, 8, generator=generator)
+    t = torch.randint(0, 1000, (batch,), generator=generator)
+    prompt_eps = torch.randn(batch, draws, 77, 32, generator=generator)
+    return latents, noise, t, prompt_eps
+
+
+def test_only_ctx_receives_gradients(backbone):
+    learner = make_learner(backbone)
+    hidden, eos = learner()
+    assert hidden.shape == (8, 77, 32) and eos.shape == (8, 32)
+    loss = denoising_loss(backbone, hidden, *random_batch(backbone), min_snr_gamma=5.0) + orthogonality_loss(eos)
+    loss.backward()
+    assert learner.ctx.grad is not None and learner.ctx.grad.abs().sum() > 0
+    assert [name for name, _ in learner.named_parameters()] == ["ctx"]
+    for module in (backbone.unet, backbone.vae, backbone.text_encoder):
+        assert all(p.grad is None for p in module.parameters())
+
+
+def test_orthogonality_loss_known_values():
+    assert orthogonality_loss(torch.eye(4)).item() == pytest.approx(0.0)
+    assert orthogonality_loss(torch.ones(3, 5)).item() == pytest.approx(1.0)
+    # Two pairs at 60 degrees (cos 0.5), one orthogonal pair: (2 * 2 * 0.25 + 0) / (3 * 2).
+    features = torch.tensor([[1.0, 0.0], [0.5, math.sqrt(3) / 2], [0.5, -math.sqrt(3) / 2]])
+    cos = features @ features.T
+    expected = (cos.pow(2).sum() - 3) / 6
+    assert orthogonality_loss(features * 7).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_min_snr_weights(backbone, backbone_v):
+    t = torch.tensor([0, 999])
+    snr = backbone.snr(t)
+    assert torch.allclose(min_snr_weights(backbone, t, 5.0), snr.clamp(max=5) / snr)
+    assert torch.allclose(min_snr_weights(backbone_v, t, 5.0), snr.clamp(max=5) / (snr + 1))
+    assert torch.equal(min_snr_weights(backbone, t, 0.0), torch.ones(2))
+
+
+@pytest.mark.parametrize("fixture", ["backbone", "backbone_v"])
+def test_loss_uses_the_models_target(fixture, request, monkeypatch):
+    """The loss is zero exactly when the UNet outputs the target of the model's prediction type."""
+    model = request.getfixturevalue(fixture)
+    latents, noise, t, prompt_eps = random_batch(model, draws=2)
+    hidden = torch.randn(4, 77, 32)
+    target = model.training_target(latents, noise, t).repeat_interleave(2, dim=0)
+    monkeypatch.setattr(model, "predict", lambda noisy, steps, emb: target)
+    assert denoising_loss(model, hidden, latents, noise, t, prompt_eps, 5.0).item() == pytest.approx(0.0)
+    wrong = noise.repeat_interleave(2, dim=0) if model.prediction_type == "v_prediction" else -target
+    monkeypatch.setattr(model, "predict", lambda noisy, steps, emb: wrong)
+    assert denoising_loss(model, hidden, latents, noise, t, prompt_eps, 5.0).item() > 0.01
+
+
+def test_same_noise_and_t_for_the_m_draws(backbone, monkeypatch):
+    latents, noise, t, prompt_eps = random_batch(backbone, batch=2, draws=3)
+    seen = {}
+
+    def spy(noisy, steps, embeddings):
+        seen.update(noisy=noisy, steps=steps, embeddings=embeddings)
+        return torch.zeros_like(noisy)
+
+    monkeypatch.setattr(backbone, "predict", spy)
+    denoising_loss(backbone, torch.randn(4, 77, 32), latents, noise, t, prompt_eps, 5.0)
+    assert seen["noisy"].shape[0] == 6 and torch.equal(seen["noisy"][0], seen["noisy"][2])
+    assert torch.equal(seen["steps"], t.repeat_interleave(3))
+    assert not torch.equal(seen["embeddings"][0], seen["embeddings"][1])
+
+
+def test_loss_falls_when_overfitting_two_images(backbone):
+    torch.manual_seed(0)
+    learner = make_learner(backbone, k=4)
+    optimizer = torch.optim.AdamW(learner.parameters(), lr=3e-2, weight_decay=0.0)
+    batch = random_batch(backbone, batch=2, draws=2, seed=3)
+    losses = []
+    for _ in range(40):
+        hidden, _ = learner()
+        loss = denoising_loss(backbone, hidden, *batch, min_snr_gamma=5.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    # The random tiny UNet depends only weakly on its text input, so the attainable drop is a few per cent.
+    assert losses[-1] < losses[0] - 0.015, losses
+    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 0.8 * (len(losses) - 1)

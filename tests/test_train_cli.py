@@ -1,0 +1,99 @@
+"""Stage 1 from the command line: a full run, resume equality, and every bad input giving one line and exit 2."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dd3d.cli import run
+from dd3d.distribution import PromptDistribution
+from dd3d.learn import main
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["prompt.num_prompts=4", "train.batch_size=2", "train.num_samples=2", "augment.crops=1", "sample.every=0"]
+
+
+def cli(args, capsys):
+    """Run the CLI in-process; returns (exit code, stderr)."""
+    try:
+        run(main, [str(a) for a in args])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def test_end_to_end_subprocess(tiny_model, refs, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "scripts" / "train_distribution.py"), "--images", str(refs),
+           "--model", str(tiny_model), "--out", str(out), "steps=4", "checkpoint_every=2", "sample.every=2",
+           "sample.n=4", "sample.steps=2", "prompt.num_prompts=4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (out / "config.yaml").is_file() and (out / "train.log").is_file()
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000002.png", "step-000004.png"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002.pt", "step-000004.pt"]
+    dist = PromptDistribution.load(out / "distribution.safetensors")
+    assert dist.ctx.shape == (4, 4, 32)
+    assert set(load_file(str(out / "distribution.safetensors"))) == {"ctx"}
+    assert "step 4 loss" in (out / "train.log").read_text()
+
+
+def test_resume_equals_uninterrupted(tiny_model, refs, tmp_path, capsys):
+    common = ["--images", refs, "--model", tiny_model, "checkpoint_every=2", *FAST]
+    code, err = cli([*common, "--out", tmp_path / "whole", "steps=4"], capsys)
+    assert code == 0, err
+    assert cli([*common, "--out", tmp_path / "split", "steps=2"], capsys)[0] == 0  # "killed" after step 2
+    assert cli(["--out", tmp_path / "split", "resume=true", "steps=4"], capsys)[0] == 0
+    whole = PromptDistribution.load(tmp_path / "whole" / "distribution.safetensors").ctx
+    split = PromptDistribution.load(tmp_path / "split" / "distribution.safetensors").ctx
+    first = torch.load(tmp_path / "split" / "checkpoints" / "step-000002.pt")["ctx"]
+    assert not torch.equal(first, split)  # the resumed run did train further
+    assert torch.equal(whole, split)
+
+
+def test_refuses_a_folder_holding_another_run(tiny_model, refs, tmp_path, capsys):
+    args = ["--images", refs, "--model", tiny_model, "--out", tmp_path / "run", "steps=1", *FAST]
+    assert cli(args, capsys)[0] == 0
+    code, err = cli(args, capsys)
+    assert code == 2 and "already holds a run" in err
+    assert cli([*args, "overwrite=true"], capsys)[0] == 0
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "does not exist"),
+        ("empty", "holds no image files"),
+        ("corrupt", "none of the 2 image files"),
+        ("bad-model", "neither an existing folder nor a hub id"),
+        ("not-diffusers", "not a diffusers"),
+        ("bad-override", "bad configuration"),
+    ],
+)
+def test_bad_input_one_line_exit_2_nothing_written(case, message, tiny_model, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    model = tiny_model
+    extra = []
+    if case == "missing":
+        images = tmp_path / "nowhere"
+    elif case == "corrupt":
+        (images / "a.png").write_bytes(b"junk")
+        (images / "b.jpg").write_bytes(b"\xff\xd8junk")
+    elif case == "bad-model":
+        model = tmp_path / "no-model"
+    elif case == "not-diffusers":
+        model = images
+    elif case == "bad-override":
+        extra = ["train.no_such_key=1"]
+    out = tmp_path / "run"
+    code, err = cli(["--images", images, "--model", model, "--out", out, "steps=1", *extra], capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+    assert not out.exists()
