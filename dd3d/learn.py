@@ -92,6 +92,26 @@ def orthogonality_loss(features: torch.Tensor) -> torch.Tensor:
     return off_diagonal.pow(2).sum() / (count * (count - 1))
 
 
+def training_losses(learner, backbone: Backbone, latents: torch.Tensor, train_cfg, generator: torch.Generator):
+    """One step's random draws (views, noise, t, prompt eps) from `generator`, and the total, denoising and
+    orthogonality losses."""
+    batch, draws = train_cfg.batch_size, train_cfg.num_samples
+    if len(latents) >= batch:
+        picked = latents[torch.randperm(len(latents), generator=generator)[:batch]]
+    else:
+        picked = latents[torch.randint(len(latents), (batch,), generator=generator)]
+    noise = torch.randn(picked.shape, generator=generator)
+    t = torch.randint(0, backbone.num_train_timesteps, (batch,), generator=generator)
+    hidden, eos = learner()
+    prompt_eps = torch.randn((batch, draws, *hidden.shape[1:]), generator=generator)
+    device = hidden.device
+    denoise = denoising_loss(
+        backbone, hidden, picked.to(device), noise.to(device), t.to(device), prompt_eps, train_cfg.min_snr_gamma
+    )
+    ortho = orthogonality_loss(eos)
+    return denoise + train_cfg.ortho_weight * ortho, denoise, ortho
+
+
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     """The random stream of one training step: a function of (seed, step, rank) only, so a resumed run draws
     exactly what an uninterrupted one would."""
@@ -191,21 +211,10 @@ def train(cfg: DictConfig) -> Path:
         log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} steps {start}->{cfg.steps} on {accelerator.device}, "
                   f"precision {precision}, {len(latents)} views, model {backbone.model_id} ({backbone.prediction_type})\n")
     progress = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not main, desc="learn")
-    batch, draws = cfg.train.batch_size, cfg.train.num_samples
     for step in progress:
         generator = step_generator(cfg.seed, step, accelerator.process_index)
-        order = torch.randperm(len(latents), generator=generator)
-        picked = latents[order[:batch]] if len(latents) >= batch else latents[torch.randint(len(latents), (batch,), generator=generator)]
-        noise = torch.randn(picked.shape, generator=generator)
-        t = torch.randint(0, backbone.num_train_timesteps, (batch,), generator=generator)
-        prompt_eps = torch.randn((batch, draws, *encoder.input_ids.shape, backbone.text_encoder.config.hidden_size), generator=generator)
-        device = accelerator.device
         with accelerator.autocast():
-            hidden, eos = learner()
-            denoise = denoising_loss(backbone, hidden, picked.to(device), noise.to(device), t.to(device),
-                                     prompt_eps, cfg.train.min_snr_gamma)
-            ortho = orthogonality_loss(eos)
-            loss = denoise + cfg.train.ortho_weight * ortho
+            loss, denoise, ortho = training_losses(learner, backbone, latents, cfg.train, generator)
         if not torch.isfinite(loss):
             raise UserError(f"the loss became {loss.item()} at step {step + 1}; lower train.lr or use "
                             "train.mixed_precision=no (the last checkpoint is kept)")
