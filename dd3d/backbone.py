@@ -13,18 +13,16 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from dd3d.cli import UserError
 
-# Loading chatter (per-file progress bars, dtype advice) is noise in a command-line tool; errors still show.
-diffusers.utils.logging.set_verbosity_error()
-diffusers.utils.logging.disable_progress_bar()
-transformers.utils.logging.set_verbosity_error()
+diffusers.utils.logging.disable_progress_bar()  # per-component loading bars; the steps have their own
 transformers.utils.logging.disable_progress_bar()
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "tiny" / "model"
+DEFAULT_MODEL_ID = "embedded-default"  # what files record as the model when the embedded default was used
 
 
 def resolve_model_source(source: str | Path | None) -> str:
     """The embedded default when `source` is None, else a local folder or a hub id, checked before loading."""
-    if source is None or str(source) == "":
+    if source is None or str(source) in ("", DEFAULT_MODEL_ID):
         if not (DEFAULT_MODEL / "model_index.json").is_file():
             raise UserError(
                 f"the embedded default model is not installed at {DEFAULT_MODEL}; "
@@ -83,7 +81,7 @@ class Backbone:
         text_encoder.to(device, dtype)
         unet.to(device, dtype)
         vae.to(device, vae_dtype)
-        return cls(tokenizer, text_encoder, unet, vae, scheduler, str(source or "embedded-default"), fingerprint)
+        return cls(tokenizer, text_encoder, unet, vae, scheduler, str(source or DEFAULT_MODEL_ID), fingerprint)
 
     # --- facts about the model -------------------------------------------------------------------------------
     @property

@@ -29,10 +29,54 @@ class Gaussian:
         """Fit to the encoder outputs of the K prompts, hidden (K, 77, d)."""
         return cls(hidden.mean(dim=0), hidden.std(dim=0))
 
+    def scaled(self, std_scale: float) -> "Gaussian":
+        return Gaussian(self.mean, self.std * std_scale)
+
+    def apply(self, eps: torch.Tensor, uniforms: torch.Tensor | None = None):
+        """Map standard-normal eps (n, 77, d) to draws `mean + eps * std`; returns (draws, component index 0)."""
+        draws = self.mean + eps.to(self.mean.device, self.mean.dtype) * self.std
+        return draws, torch.zeros(len(eps), dtype=torch.long)
+
     def sample(self, n: int, std_scale: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
         """n draws of `mean + std_scale * eps * std`, (n, 77, d); eps is drawn on the CPU for reproducibility."""
         eps = torch.randn((n, *self.mean.shape), generator=generator, dtype=torch.float32)
-        return self.mean + std_scale * eps.to(self.mean.device, self.mean.dtype) * self.std
+        return self.scaled(std_scale).apply(eps)[0]
+
+
+def normalised_weights(weights: list[float], count: int) -> torch.Tensor:
+    """Mixing weights as a probability vector; one per distribution, none negative, not all zero."""
+    if len(weights) != count:
+        raise UserError(f"{len(weights)} weights given for {count} distributions")
+    tensor = torch.tensor(weights, dtype=torch.float64)
+    if (tensor < 0).any() or not torch.isfinite(tensor).all():
+        raise UserError("mixing weights must be finite and non-negative")
+    if tensor.sum() <= 0:
+        raise UserError("mixing weights must not all be zero")
+    return tensor / tensor.sum()
+
+
+def blend(components: list[Gaussian], weights: torch.Tensor) -> Gaussian:
+    """The reference code's combination: one Gaussian with mean sum w_i mu_i and std sqrt(sum (w_i sigma_i)^2),
+    i.e. the law of a weighted *sum* of independent draws (per-distribution std scales are applied beforehand)."""
+    mean = sum(float(w) * g.mean for w, g in zip(weights, components))
+    variance = sum((float(w) * g.std) ** 2 for w, g in zip(weights, components))
+    return Gaussian(mean, variance.sqrt())
+
+
+@dataclass
+class Mixture:
+    """A true mixture: component i with probability w_i, then a draw from that component."""
+
+    components: list[Gaussian]
+    weights: torch.Tensor
+
+    def apply(self, eps: torch.Tensor, uniforms: torch.Tensor):
+        """Map eps (n, 77, d) and uniforms in [0, 1) (n,) to draws; returns (draws, component index)."""
+        edges = self.weights.cumsum(0)
+        index = torch.searchsorted(edges, uniforms.to(edges.dtype), right=True).clamp(max=len(self.components) - 1)
+        means = torch.stack([g.mean for g in self.components])[index]
+        stds = torch.stack([g.std for g in self.components])[index]
+        return means + eps.to(means.device, means.dtype) * stds, index
 
 
 @dataclass
@@ -119,3 +163,45 @@ class PromptDistribution:
         """Encode the K contexts under a template and fit the Gaussian of their encoder outputs."""
         hidden, _ = self.encoder(backbone, prefix, suffix)(self.ctx, self.reference_positions)
         return Gaussian.from_hidden(hidden.float())
+
+
+def import_reference_checkpoint(
+    path: Path, backbone, class_index: int | None = None, prefix: str = "", suffix: str = ""
+) -> PromptDistribution:
+    """Convert a reference DreamDistribution checkpoint (`final-N.pt`: `ctx` of shape (classes, K, n_ctx, d) inside
+    `model_state_dict`, keys possibly prefixed `module.` or `_orig_mod.`) to our format for `backbone`.
+
+    `prefix`/`suffix` are the template it was trained with. The result is marked `reference_positions`, so it is
+    encoded the way the reference encodes it (position embeddings added twice to the fixed tokens)."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and file errors all mean "not a checkpoint we can read"
+        raise UserError(f"cannot read reference checkpoint {path}: {str(err).splitlines()[0]}") from None
+    if isinstance(state, dict):
+        state = state.get("model_state_dict", state)
+    ctx = None
+    if isinstance(state, dict):
+        ctx = next((v for k, v in state.items() if k.replace("_orig_mod.", "").replace("module.", "") == "ctx"), None)
+    if not isinstance(ctx, torch.Tensor):
+        raise UserError(f"{path} holds no `ctx` tensor; is it a DreamDistribution checkpoint?")
+    if ctx.dim() == 4:
+        if class_index is None and ctx.shape[0] > 1:
+            raise UserError(f"{path} holds contexts for {ctx.shape[0]} classes; pass a class index")
+        index = class_index or 0
+        if not 0 <= index < ctx.shape[0]:
+            raise UserError(f"class index {index} is out of range for {ctx.shape[0]} classes")
+        ctx = ctx[index]
+    if ctx.dim() != 3:
+        raise UserError(f"`ctx` in {path} has shape {tuple(ctx.shape)}; expected (K, n_ctx, d) or (C, K, n_ctx, d)")
+    width = backbone.text_encoder.config.hidden_size
+    if ctx.shape[-1] != width:
+        raise UserError(f"{path} was made for a text encoder of width {ctx.shape[-1]}, not this model's {width}")
+    return PromptDistribution(
+        ctx=ctx.detach().float(),
+        prefix=prefix,
+        suffix=suffix,
+        model_id=backbone.model_id,
+        fingerprint=backbone.fingerprint,
+        reference_positions=True,
+    )

@@ -166,12 +166,12 @@ def write_sample_grid(backbone, learner, cfg, resolution: int, path: Path) -> No
     """A grid of images from the current distribution, always from the same draws (sample.seed)."""
     with torch.no_grad():
         hidden, _ = learner()
-    generator = torch.Generator().manual_seed(cfg.sample.seed)
-    embeddings = Gaussian.from_hidden(hidden.float()).sample(cfg.sample.n, generator=generator)
+    seed = cfg.sample.seed
+    embeddings = Gaussian.from_hidden(hidden.float()).sample(cfg.sample.n, generator=torch.Generator().manual_seed(seed))
+    generators = [torch.Generator().manual_seed(seed + 1 + index) for index in range(cfg.sample.n)]
     empty = backbone.encode_text([""])
-    images = generate(
-        make_pipeline(backbone), embeddings, empty, cfg.sample.steps, cfg.sample.guidance, cfg.sample.seed, resolution
-    )
+    images = generate(make_pipeline(backbone), embeddings, empty, cfg.sample.steps, cfg.sample.guidance, generators,
+                      resolution)
     atomic_write(path, lambda tmp: image_grid(images).save(tmp, format="PNG"))
 
 

@@ -42,9 +42,7 @@ class SoftPromptEncoder:
         ids = self.input_ids.to(device)
         fixed = encoder.embeddings.token_embedding(ids).unsqueeze(0).expand(count, -1, -1)
         if fixed_tokens_positioned_twice:
-            # The reference DreamDistribution code adds position embeddings to the fixed tokens before its
-            # encoder adds them again; checkpoints it trained only work under the same encoding.
-            fixed = fixed + encoder.embeddings.position_embedding(encoder.embeddings.position_ids[:, : len(ids)])
+            fixed = fixed + self._reference_extra_positions(encoder)
         start, end = self.ctx_start, self.ctx_start + self.n_ctx
         tokens = torch.cat([fixed[:, :start], ctx.to(device, dtype), fixed[:, end:]], dim=1)
         hidden = encoder.embeddings(inputs_embeds=tokens)
@@ -55,5 +53,12 @@ class SoftPromptEncoder:
         hidden = encoder.final_layer_norm(hidden)
         return hidden, hidden[:, self.eos_index]
 
-    def describe_template(self) -> str:
-        return " ".join(part for part in (self.prefix, f"[ctx x {self.n_ctx}]", self.suffix) if part)
+    def _reference_extra_positions(self, encoder) -> torch.Tensor:
+        """The position embeddings the reference DreamDistribution code adds to fixed tokens before its encoder adds
+        them again: prefix tokens at their own index, the tokens after ctx at their index within the separately
+        tokenized suffix (1 = the first token after BOS). Checkpoints it trained only work under this encoding."""
+        length = len(self.input_ids)
+        index = torch.arange(length)
+        ctx_end = self.ctx_start + self.n_ctx
+        index = torch.where(index >= ctx_end, index - ctx_end + 1, index).to(encoder.device)
+        return encoder.embeddings.position_embedding(index).unsqueeze(0)

@@ -1,22 +1,63 @@
-"""The 2D path: images from prompt embeddings through the diffusers Stable Diffusion pipeline."""
+"""The 2D path: new images from learned prompt distributions through the diffusers Stable Diffusion pipeline.
+
+Examples:
+  python scripts/sample2d.py --dist outputs/x/distribution.safetensors --n 16
+  python scripts/sample2d.py --dist d.safetensors --prefix "a photo of" --suffix "at night"   # text-guided edit
+  python scripts/sample2d.py --dist d.safetensors --std-scale 2                              # more variation
+  python scripts/sample2d.py --dist a.safetensors b.safetensors --weights 0.7 0.3 --mix mixture
+  python scripts/sample2d.py --dist d.safetensors --seed 3 --fixed-noise   # same instances across edits/scales
+  python scripts/sample2d.py --dist d.safetensors --describe               # nearest words of each learned token
+  python scripts/sample2d.py --from-manifest outputs/x/2d/manifest.json --index 5   # regenerate one image
+"""
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
 import math
+from pathlib import Path
 
+import numpy as np
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+)
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
+from tqdm.auto import tqdm
+
+from dd3d.cli import UserError, add_config_arguments, load_config
+from dd3d.distribution import Gaussian, Mixture, PromptDistribution, blend, import_reference_checkpoint, normalised_weights
+from dd3d.files import atomic_write
+
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "dpm": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "pndm": PNDMScheduler,
+    "ddpm": DDPMScheduler,
+}
+PROMPT_STREAM, LATENT_STREAM = 0, 1
 
 
-def make_pipeline(backbone) -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline over the backbone's own (frozen) components, with a DDIM sampler."""
+def make_pipeline(backbone, scheduler: str = "ddim") -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline over the backbone's own frozen components (PyTorch SDPA attention by default)."""
+    if scheduler not in SCHEDULERS:
+        raise UserError(f"scheduler must be one of {', '.join(SCHEDULERS)}, not '{scheduler}'")
     pipeline = StableDiffusionPipeline(
         vae=backbone.vae,
         text_encoder=backbone.text_encoder,
         tokenizer=backbone.tokenizer,
         unet=backbone.unet,
-        scheduler=DDIMScheduler.from_config(backbone.scheduler.config),
+        scheduler=SCHEDULERS[scheduler].from_config(backbone.scheduler.config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -32,18 +73,18 @@ def generate(
     negative_embeds: torch.Tensor,
     steps: int,
     guidance: float,
-    seed: int,
+    generators: list[torch.Generator],
     resolution: int,
 ) -> list[Image.Image]:
-    """One image per row of prompt_embeds (N, 77, d); negative_embeds (1, 77, d) is the unconditional branch."""
+    """One image per row of prompt_embeds (N, 77, d), each with its own generator for latent (and sampler) noise;
+    negative_embeds (1, 77, d) is the unconditional branch of classifier-free guidance."""
     dtype = pipeline.unet.dtype
-    generator = torch.Generator("cpu").manual_seed(seed)
     return pipeline(
         prompt_embeds=prompt_embeds.to(pipeline.device, dtype),
         negative_prompt_embeds=negative_embeds.expand(len(prompt_embeds), -1, -1).to(pipeline.device, dtype),
         num_inference_steps=steps,
         guidance_scale=guidance,
-        generator=generator,
+        generator=generators,
         height=resolution,
         width=resolution,
     ).images
@@ -58,3 +99,197 @@ def image_grid(images: list[Image.Image]) -> Image.Image:
     for index, image in enumerate(images):
         grid.paste(image, ((index % cols) * width, (index // cols) * height))
     return grid
+
+
+# --- distributions -> one sampler ------------------------------------------------------------------------------
+
+
+def load_distribution(path: str, backbone, class_index: int | None) -> PromptDistribution:
+    """A dd3d distribution file, or a reference `.pt` checkpoint imported on the fly."""
+    if Path(path).suffix == ".pt":
+        return import_reference_checkpoint(Path(path), backbone, class_index)
+    return PromptDistribution.load(Path(path))
+
+
+def build_sampler(cfg: DictConfig, backbone) -> Gaussian | Mixture:
+    """Fit each distribution under the generation template, apply its std scale, then blend or mix them."""
+    count = len(cfg.dists)
+    scales = list(cfg.std_scale)
+    if len(scales) == 1:
+        scales *= count
+    if len(scales) != count:
+        raise UserError(f"{len(scales)} std scales given for {count} distributions")
+    if any(scale < 0 for scale in scales):
+        raise UserError("std scales must not be negative")
+    weights = normalised_weights(list(cfg.weights) if cfg.weights is not None else [1.0] * count, count)
+    if cfg.mix not in ("blend", "mixture"):
+        raise UserError(f"mix must be blend or mixture, not '{cfg.mix}'")
+    gaussians = [
+        load_distribution(path, backbone, cfg.class_index).fit(backbone, cfg.prefix, cfg.suffix).scaled(scale)
+        for path, scale in zip(cfg.dists, scales)
+    ]
+    if cfg.mix == "mixture":
+        return Mixture(gaussians, weights.float())
+    return blend(gaussians, weights) if count > 1 else gaussians[0]
+
+
+# --- noise: a stream per image ------------------------------------------------------------------------------------
+
+
+def noise_key(cfg: DictConfig) -> int:
+    """0 with fixed noise (noise depends on seed and image index only), else a digest of what the run samples, so
+    runs that differ in edits, scales or mixes get fresh instances."""
+    if cfg.fixed_noise:
+        return 0
+    recipe = [list(cfg.dists), cfg.weights and list(cfg.weights), cfg.mix, list(cfg.std_scale), cfg.prefix, cfg.suffix]
+    return int.from_bytes(hashlib.sha256(json.dumps(recipe).encode()).digest()[:4], "little")
+
+
+def image_generator(cfg: DictConfig, index: int, stream: int) -> torch.Generator:
+    state = np.random.SeedSequence([cfg.seed, index, stream, noise_key(cfg)]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def prompt_noise(cfg: DictConfig, index: int, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """The standard-normal eps (77, d) and the mixture uniform of image `index`."""
+    generator = image_generator(cfg, index, PROMPT_STREAM)
+    return torch.randn(shape, generator=generator), torch.rand((), generator=generator)
+
+
+# --- the run -------------------------------------------------------------------------------------------------------
+
+
+def open_backbone(cfg: DictConfig):
+    """The model named in the config, else the one recorded in the first distribution file (fp16 on CUDA)."""
+    from dd3d.backbone import Backbone
+
+    model = cfg.model
+    if model is None and Path(cfg.dists[0]).suffix != ".pt":
+        model = PromptDistribution.load(Path(cfg.dists[0])).model_id
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    return Backbone.load(model, device=device, dtype=dtype, vae_dtype=dtype)
+
+
+def render_indices(cfg: DictConfig, backbone, sampler, indices: list[int], progress: bool = False):
+    """Images (and mixture components) for the given image indices, in batches of cfg.batch_size."""
+    pipeline = make_pipeline(backbone, cfg.scheduler)
+    negative = backbone.encode_text([cfg.negative_prompt])
+    resolution = cfg.resolution or backbone.resolution
+    shape = sampler.components[0].mean.shape if isinstance(sampler, Mixture) else sampler.mean.shape
+    images, components = [], []
+    batches = [indices[i : i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
+    for batch in tqdm(batches, desc="sample", disable=not progress):
+        eps, uniforms = zip(*(prompt_noise(cfg, index, shape) for index in batch))
+        embeddings, chosen = sampler.apply(torch.stack(eps), torch.stack(uniforms))
+        generators = [image_generator(cfg, index, LATENT_STREAM) for index in batch]
+        images += generate(pipeline, embeddings, negative, cfg.steps, cfg.guidance, generators, resolution)
+        components += chosen.tolist()
+    return images, components
+
+
+def sample(cfg: DictConfig) -> Path:
+    """Write one PNG per image, a grid and manifest.json (enough to regenerate every image) to cfg.out."""
+    if cfg.n < 1 or cfg.batch_size < 1:
+        raise UserError("n and batch_size must be at least 1")
+    backbone = open_backbone(cfg)
+    sampler = build_sampler(cfg, backbone)
+    out = Path(cfg.out)
+    images, components = render_indices(cfg, backbone, sampler, list(range(cfg.n)), progress=True)
+    entries = []
+    for index, (image, component) in enumerate(zip(images, components)):
+        name = f"{index:04d}.png"
+        atomic_write(out / name, lambda tmp, image=image: image.save(tmp, format="PNG"))
+        entries.append({"file": name, "index": index, "component": component})
+    atomic_write(out / "grid.png", lambda tmp: image_grid(images).save(tmp, format="PNG"))
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    settings["dists"] = [str(Path(path).resolve()) for path in cfg.dists]
+    settings["model"] = backbone.model_id
+    manifest = {"settings": settings, "images": entries}
+    atomic_write(out / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
+    return out
+
+
+def regenerate(manifest_path: Path, index: int, backbone=None) -> Image.Image:
+    """Image `index` of a sample2d run, made again from its manifest alone."""
+    manifest = json.loads(Path(manifest_path).read_text())
+    cfg = OmegaConf.create(manifest["settings"])
+    if not 0 <= index < cfg.n:
+        raise UserError(f"index {index} is outside this run's {cfg.n} images")
+    backbone = backbone or open_backbone(cfg)
+    images, _ = render_indices(cfg, backbone, build_sampler(cfg, backbone), [index])
+    return images[0]
+
+
+def describe(dist: PromptDistribution, backbone, topk: int = 5) -> list[list[tuple[str, float]]]:
+    """For each learned position, the `topk` vocabulary tokens nearest (cosine) to the mean context over K."""
+    table = backbone.text_encoder.embeddings.token_embedding.weight.detach().float().cpu()
+    mean = dist.ctx.mean(dim=0)
+    similarity = torch.nn.functional.normalize(mean, dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
+    scores, ids = similarity.topk(topk, dim=-1)
+    return [
+        [(backbone.tokenizer.convert_ids_to_tokens(int(i)).replace("</w>", ""), float(s)) for i, s in zip(row_ids, row)]
+        for row_ids, row in zip(ids, scores)
+    ]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="sample2d.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dist", nargs="+", help="distribution file(s): .safetensors, or reference .pt checkpoints")
+    parser.add_argument("--weights", nargs="+", type=float, help="mixing weights, one per distribution")
+    parser.add_argument("--mix", choices=["blend", "mixture"])
+    parser.add_argument("--std-scale", nargs="+", type=float, help="std scale(s): 0 = the mean, 1 = as learned")
+    parser.add_argument("--prefix", help="generation template text before the learned tokens")
+    parser.add_argument("--suffix", help="generation template text after the learned tokens")
+    parser.add_argument("--negative-prompt", help="unconditional branch text (default: the empty prompt)")
+    parser.add_argument("--n", type=int, help="number of images")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--fixed-noise", action="store_true", default=None, help="the same instances across runs")
+    parser.add_argument("--steps", type=int, help="denoising steps")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    parser.add_argument("--scheduler", choices=list(SCHEDULERS))
+    parser.add_argument("--class-index", type=int, help="class of a multi-class reference checkpoint")
+    parser.add_argument("--model", help="hub id or local diffusers folder (default: the distribution's model)")
+    parser.add_argument("--out", help="output folder (default: <distribution folder>/2d)")
+    parser.add_argument("--describe", action="store_true", default=None, help="print the learned tokens' nearest words")
+    parser.add_argument("--from-manifest", type=Path, help="regenerate an image of an earlier run (with --index)")
+    parser.add_argument("--index", type=int, default=0, help="image index for --from-manifest")
+    add_config_arguments(parser)
+    args = parser.parse_intermixed_args(argv)
+    if args.from_manifest is not None:
+        if not args.from_manifest.is_file():
+            raise UserError(f"manifest {args.from_manifest} does not exist")
+        path = Path(args.out or args.from_manifest.parent) / f"regenerated-{args.index:04d}.png"
+        image = regenerate(args.from_manifest, args.index)
+        atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+        print(f"wrote {path}")
+        return
+    flags = {
+        "dists": args.dist, "weights": args.weights, "mix": args.mix, "std_scale": args.std_scale,
+        "prefix": args.prefix, "suffix": args.suffix, "negative_prompt": args.negative_prompt, "n": args.n,
+        "batch_size": args.batch_size, "seed": args.seed, "fixed_noise": args.fixed_noise, "steps": args.steps,
+        "guidance": args.guidance, "scheduler": args.scheduler, "class_index": args.class_index,
+        "model": args.model, "out": args.out, "describe": args.describe,
+    }
+    cfg = load_config("sample2d.yaml", args.config, args.overrides, **flags)
+    if not cfg.dists:
+        raise UserError("pass --dist <distribution file> [more files]")
+    for path in cfg.dists:
+        if not Path(path).is_file():
+            raise UserError(f"distribution file {path} does not exist")
+    if cfg.describe:
+        backbone = open_backbone(cfg)
+        for path in cfg.dists:
+            dist = load_distribution(path, backbone, cfg.class_index)
+            dist.check_backbone(backbone)
+            template = " ".join(part for part in (dist.prefix, f"[ctx x {dist.n_ctx}]", dist.suffix) if part)
+            print(f"{path}: template '{template}'")
+            for position, tokens in enumerate(describe(dist, backbone, cfg.describe_topk)):
+                print(f"  ctx[{position}]: " + ", ".join(f"{token} ({score:.2f})" for token, score in tokens))
+        return
+    if cfg.out is None:
+        cfg.out = str(Path(cfg.dists[0]).parent / "2d")
+    print(f"wrote {sample(cfg)}")
