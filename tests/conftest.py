@@ -4,40 +4,36 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network (read when the hub client loads)
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from dd3d.backbone import Backbone  # noqa: E402
+from dd3d.tiny.build import save_tiny_model  # noqa: E402
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    from dd3d.tiny.build import save_tiny_model
-
     return save_tiny_model(tmp_path_factory.mktemp("tiny-eps"), prediction_type="epsilon")
 
 
 @pytest.fixture(scope="session")
 def tiny_model_v(tmp_path_factory):
-    from dd3d.tiny.build import save_tiny_model
-
     return save_tiny_model(tmp_path_factory.mktemp("tiny-v"), prediction_type="v_prediction", seed=1)
 
 
 @pytest.fixture(scope="session")
 def backbone(tiny_model):
-    from dd3d.backbone import Backbone
-
     return Backbone.load(tiny_model)
 
 
 @pytest.fixture(scope="session")
 def backbone_v(tiny_model_v):
-    from dd3d.backbone import Backbone
-
     return Backbone.load(tiny_model_v)
 
 

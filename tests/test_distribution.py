@@ -1,5 +1,6 @@
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from dd3d.cli import UserError
 from dd3d.distribution import Gaussian, PromptDistribution
@@ -59,8 +60,6 @@ def test_bad_files(tmp_path):
     corrupt.write_bytes(b"not a safetensors file at all")
     with pytest.raises(UserError, match="not a readable"):
         PromptDistribution.load(corrupt)
-    from safetensors.torch import save_file
-
     foreign = tmp_path / "foreign.safetensors"
     save_file({"ctx": torch.zeros(2, 2, 2)}, str(foreign))
     with pytest.raises(UserError, match="not a dd3d distribution"):
