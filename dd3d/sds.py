@@ -1,0 +1,100 @@
+"""Score distillation sampling (DreamFusion): the frozen diffusion model's guidance as a gradient on images.
+
+Correct for epsilon and v-prediction models: the UNet output is converted to a noise estimate first.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dd3d.backbone import Backbone
+from dd3d.cli import UserError
+
+
+def sds_gradient(
+    backbone: Backbone,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    guidance_scale: float,
+    weighting: str = "sds",
+) -> torch.Tensor:
+    """w(t) (eps_hat - eps): eps_hat is the classifier-free-guided noise estimate at noisy latents (no grad)."""
+    with torch.no_grad():
+        noisy = backbone.add_noise(latents, noise, t)
+        both = backbone.predict(torch.cat([noisy, noisy]), torch.cat([t, t]), torch.cat([cond, uncond])).float()
+        eps = backbone.eps_from_prediction(both, torch.cat([noisy, noisy]), torch.cat([t, t]))
+        eps_cond, eps_uncond = eps.chunk(2)
+        eps_hat = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+    if weighting == "sds":
+        weight = 1 - backbone.alphas_cumprod.to(latents.device)[t]  # DreamFusion's w(t) = sigma_t^2
+    elif weighting == "uniform":
+        weight = torch.ones_like(t, dtype=torch.float32)
+    else:
+        raise UserError(f"guidance.weighting must be sds or uniform, not '{weighting}'")
+    return weight.view(-1, 1, 1, 1) * (eps_hat - noise)
+
+
+def sds_loss(latents: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """A scalar whose gradient w.r.t. latents is exactly `gradient` (summed over pixels, averaged over batch)."""
+    target = (latents - gradient).detach()
+    return 0.5 * F.mse_loss(latents, target, reduction="sum") / latents.shape[0]
+
+
+class ScoreDistillation:
+    """SDS guidance for rendered images: timestep range with annealing, weighting, gradient clipping."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        guidance_scale: float = 100.0,
+        min_step_percent: float = 0.02,
+        max_step_percent: float = 0.98,
+        max_step_percent_end: float | None = None,
+        anneal_steps: int = 0,
+        weighting: str = "sds",
+        grad_clip: float | None = None,
+    ):
+        if not 0 <= min_step_percent < max_step_percent <= 1:
+            raise UserError("guidance step range must satisfy 0 <= min_step_percent < max_step_percent <= 1")
+        self.backbone = backbone
+        self.guidance_scale = guidance_scale
+        self.min_step_percent, self.max_step_percent = min_step_percent, max_step_percent
+        self.max_step_percent_end = max_step_percent_end
+        self.anneal_steps = anneal_steps
+        self.weighting = weighting
+        self.grad_clip = grad_clip
+
+    def step_range(self, iteration: int) -> tuple[int, int]:
+        """[min, max] timestep; the max falls linearly to max_step_percent_end over anneal_steps iterations."""
+        top = self.max_step_percent
+        if self.max_step_percent_end is not None and self.anneal_steps > 0:
+            progress = min(iteration / self.anneal_steps, 1.0)
+            top = top + (self.max_step_percent_end - top) * progress
+        steps = self.backbone.num_train_timesteps
+        low = int(steps * self.min_step_percent)
+        return low, max(low + 1, int(steps * top))
+
+    def encode(self, rgb: torch.Tensor) -> torch.Tensor:
+        """Rendered images (B, H, W, 3) in [0, 1] -> latents, resized to the model's native size (with grad)."""
+        size = self.backbone.resolution
+        pixels = F.interpolate(rgb.permute(0, 3, 1, 2), (size, size), mode="bilinear", align_corners=False)
+        return self.backbone.encode_images(pixels * 2 - 1).float()
+
+    def __call__(
+        self, rgb: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, iteration: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict]:
+        """The SDS loss for a batch of renders; `cond`/`uncond` are (B, 77, d) text embeddings."""
+        latents = self.encode(rgb)
+        low, high = self.step_range(iteration)
+        batch = latents.shape[0]
+        t = torch.randint(low, high + 1, (batch,), generator=generator).to(latents.device)
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        gradient = sds_gradient(self.backbone, latents, cond, uncond, t, noise, self.guidance_scale, self.weighting)
+        gradient = torch.nan_to_num(gradient)
+        if self.grad_clip is not None:
+            gradient = gradient.clamp(-self.grad_clip, self.grad_clip)
+        return sds_loss(latents, gradient), {"t": t.float().mean().item(), "grad_norm": gradient.norm().item()}

@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from dd3d.cli import UserError
+from dd3d.sds import ScoreDistillation, sds_gradient, sds_loss
+
+
+@pytest.mark.parametrize("fixture", ["backbone", "backbone_v"])
+def test_sds_gradient_is_weighted_guided_noise_residual(fixture, request):
+    model = request.getfixturevalue(fixture)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator, requires_grad=True)
+    cond, uncond = torch.randn(2, 77, 32, generator=generator), torch.randn(2, 77, 32, generator=generator)
+    t, noise = torch.tensor([100, 700]), torch.randn(2, 4, 8, 8, generator=generator)
+    gradient = sds_gradient(model, latents, cond, uncond, t, noise, guidance_scale=7.5)
+
+    with torch.no_grad():  # the formula, by hand
+        noisy = model.add_noise(latents, noise, t)
+        eps_c = model.eps_from_prediction(model.predict(noisy, t, cond), noisy, t)
+        eps_u = model.eps_from_prediction(model.predict(noisy, t, uncond), noisy, t)
+        weight = (1 - model.alphas_cumprod[t]).view(-1, 1, 1, 1)
+        expected = weight * (eps_u + 7.5 * (eps_c - eps_u) - noise)
+    assert torch.allclose(gradient, expected, atol=1e-5)
+
+    sds_loss(latents, gradient).backward()
+    assert torch.allclose(latents.grad, gradient / 2, atol=1e-6)  # batch-mean of the per-image gradient
+
+
+def test_zero_when_guided_prediction_equals_the_noise(backbone, monkeypatch):
+    latents, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    monkeypatch.setattr(backbone, "predict", lambda noisy, t, emb: noise.expand(len(noisy), -1, -1, -1))
+    gradient = sds_gradient(backbone, latents, torch.zeros(1, 77, 32), torch.ones(1, 77, 32), torch.tensor([500]),
+                            noise, guidance_scale=100.0)
+    assert gradient.abs().max() == 0
+
+
+def test_v_prediction_is_converted_before_guidance(backbone_v, monkeypatch):
+    """A v-model that predicts the true velocity yields zero SDS gradient: eps is recovered from v first."""
+    latents, noise, t = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.tensor([300])
+    velocity = backbone_v.training_target(latents, noise, t)
+    monkeypatch.setattr(backbone_v, "predict", lambda noisy, steps, emb: velocity.expand(len(noisy), -1, -1, -1))
+    gradient = sds_gradient(backbone_v, latents, torch.zeros(1, 77, 32), torch.ones(1, 77, 32), t, noise, 100.0)
+    assert gradient.abs().max() < 1e-4
+
+
+def test_guidance_on_renders_reaches_the_image_and_anneals(backbone):
+    guidance = ScoreDistillation(backbone, max_step_percent=0.98, max_step_percent_end=0.5, anneal_steps=100)
+    assert guidance.step_range(0) == (20, 980) and guidance.step_range(100) == (20, 500)
+    rgb = torch.rand(2, 12, 12, 3, requires_grad=True)
+    loss, info = guidance(rgb, torch.randn(2, 77, 32), torch.randn(2, 77, 32), 0, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert rgb.grad is not None and rgb.grad.abs().sum() > 0 and 20 <= info["t"] <= 980
+    with pytest.raises(UserError):
+        ScoreDistillation(backbone, min_step_percent=0.9, max_step_percent=0.5)
