@@ -228,7 +228,7 @@ def describe(dist: PromptDistribution, backbone, topk: int = 5) -> list[list[tup
     similarity = torch.nn.functional.normalize(mean, dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
     scores, ids = similarity.topk(topk, dim=-1)
     return [
-        [(backbone.tokenizer.convert_ids_to_tokens(int(i)).replace("</w>", ""), float(s)) for i, s in zip(row_ids, row)]
+        [(backbone.tokenizer.decode([int(i)]).strip(), float(s)) for i, s in zip(row_ids, row)]
         for row_ids, row in zip(ids, scores)
     ]
 

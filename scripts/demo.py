@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The main job end to end on a bundled reference set: learn a prompt distribution, then sample it.
+"""The main job end to end on a bundled reference set: learn a prompt distribution, then sample it in 2D.
 
 Uses the embedded default model when it is installed (dd3d/tiny/model); until then an untrained stand-in of the
 same architecture is built locally, so the pipeline runs but its images are noise. Each step prints the command
@@ -40,7 +40,13 @@ def main() -> None:
     step("scripts/train_distribution.py", "--images", str(REFS.relative_to(ROOT)), *model_args,
          "--out", "outputs/demo/warm-houses", "overwrite=true", "steps=200", "checkpoint_every=100",
          "sample.every=100", "sample.steps=20")
-    print(f"\ndemo done: see {OUT.relative_to(ROOT)}/warm-houses (distribution.safetensors, samples/, train.log)")
+    dist = "outputs/demo/warm-houses/distribution.safetensors"
+    step("scripts/sample2d.py", "--dist", dist, *model_args, "--n", "8", "--steps", "20", "--seed", "0",
+         "--fixed-noise", "--out", "outputs/demo/warm-houses/2d")
+    step("scripts/sample2d.py", "--dist", dist, *model_args, "--n", "8", "--steps", "20", "--seed", "0",
+         "--fixed-noise", "--std-scale", "0", "--out", "outputs/demo/warm-houses/2d-mean")
+    step("scripts/sample2d.py", "--dist", dist, *model_args, "--describe")
+    print(f"\ndemo done: see {OUT.relative_to(ROOT)}/warm-houses (distribution.safetensors, samples/, 2d/, train.log)")
 
 
 if __name__ == "__main__":
