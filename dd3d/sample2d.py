@@ -111,8 +111,16 @@ def load_distribution(path: str, backbone, class_index: int | None) -> PromptDis
     return PromptDistribution.load(Path(path))
 
 
-def build_sampler(cfg: DictConfig, backbone) -> Gaussian | Mixture:
-    """Fit each distribution under the generation template, apply its std scale, then blend or mix them."""
+def view_suffix(suffix: str, view: str | None) -> str:
+    """The template suffix for a view label: "made of stone" -> "made of stone, front view"."""
+    if view is None:
+        return suffix
+    return f"{suffix}, {view} view" if suffix else f", {view} view"
+
+
+def build_sampler(cfg: DictConfig, backbone, view: str | None = None) -> Gaussian | Mixture:
+    """Fit each distribution under the generation template (its suffix extended by ", <view> view" when a view is
+    given), apply its std scale, then blend or mix them."""
     count = len(cfg.dists)
     scales = list(cfg.std_scale)
     if len(scales) == 1:
@@ -124,10 +132,11 @@ def build_sampler(cfg: DictConfig, backbone) -> Gaussian | Mixture:
     weights = normalised_weights(list(cfg.weights) if cfg.weights is not None else [1.0] * count, count)
     if cfg.mix not in ("blend", "mixture"):
         raise UserError(f"mix must be blend or mixture, not '{cfg.mix}'")
-    gaussians = [
-        load_distribution(path, backbone, cfg.class_index).fit(backbone, cfg.prefix, cfg.suffix).scaled(scale)
-        for path, scale in zip(cfg.dists, scales)
-    ]
+    gaussians = []
+    for path, scale in zip(cfg.dists, scales):
+        dist = load_distribution(path, backbone, cfg.class_index)
+        suffix = view_suffix(dist.suffix if cfg.suffix is None else cfg.suffix, view)
+        gaussians.append(dist.fit(backbone, cfg.prefix, suffix).scaled(scale))
     if cfg.mix == "mixture":
         return Mixture(gaussians, weights.float())
     return blend(gaussians, weights) if count > 1 else gaussians[0]
