@@ -23,7 +23,7 @@ from dd3d.backbone import Backbone
 from dd3d.cli import UserError, add_config_arguments, load_config, prepare_run_dir
 from dd3d.data import load_reference_images, training_views
 from dd3d.distribution import Gaussian, PromptDistribution
-from dd3d.files import atomic_write
+from dd3d.files import Checkpoints, atomic_write
 from dd3d.prompts import SoftPromptEncoder
 from dd3d.sample2d import generate, image_grid, make_pipeline
 
@@ -127,26 +127,6 @@ def resolve_precision(choice: str) -> str:
     return choice
 
 
-class Checkpoints:
-    """Atomic `checkpoints/step-NNNNNN.pt` files holding ctx and the optimizer; only the newest few are kept."""
-
-    def __init__(self, folder: Path, keep: int):
-        self.folder, self.keep = folder, max(1, keep)
-
-    def paths(self) -> list[Path]:
-        return sorted(self.folder.glob("step-*.pt"))
-
-    def save(self, step: int, ctx: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        state = {"step": step, "ctx": ctx.detach().cpu(), "optimizer": optimizer.state_dict()}
-        atomic_write(self.folder / f"step-{step:06d}.pt", lambda tmp: torch.save(state, tmp))
-        for old in self.paths()[: -self.keep]:
-            old.unlink()
-
-    def load_latest(self) -> dict | None:
-        paths = self.paths()
-        return torch.load(paths[-1], map_location="cpu", weights_only=True) if paths else None
-
-
 def encode_views(backbone: Backbone, images, cfg: DictConfig, resolution: int) -> torch.Tensor:
     """All training views of the reference images, encoded to latents once (the VAE is frozen)."""
     augment = cfg.augment
@@ -229,7 +209,7 @@ def train(cfg: DictConfig) -> Path:
             log.write(f"step {done} loss {loss.item():.6f} denoise {denoise.item():.6f} ortho {ortho.item():.6f}\n")
             log.flush()
         if main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            checkpoints.save(done, plain_learner.ctx, optimizer)
+            checkpoints.save(done, {"ctx": plain_learner.ctx.detach().cpu(), "optimizer": optimizer.state_dict()})
         if main and cfg.sample.every and (done % cfg.sample.every == 0 or done == cfg.steps):
             write_sample_grid(backbone, plain_learner, cfg, resolution, out / "samples" / f"step-{done:06d}.png")
     progress.close()
