@@ -1,0 +1,181 @@
+"""Multiresolution hash-grid encoding (Instant-NGP), laid out and hashed exactly like tiny-cuda-nn's HashGrid.
+
+Level l has scale s_l = base_resolution * per_level_scale**l - 1 (float32, as tcnn computes it) and
+resolution ceil(s_l) + 1 vertices per axis. An input x in [0, 1]^3 sits at x * s_l + 0.5 on that level's lattice
+(the +0.5 staggers the levels). A level whose vertices fit in its table is indexed densely (x + y R + z R^2); a
+finer one hashes with the primes (1, 2654435761, 805459861), xor-ed in uint32 arithmetic. Either index is taken
+modulo the level's table size, min(next multiple of 8 of R^3, 2**log2_hashmap_size). The parameters form one flat
+vector, level after level, `n_features_per_level` values per entry -- the same vector tcnn's module holds, so a
+state dict moves between the two backends. Outputs are the trilinearly interpolated features, level-major.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dd3d.cli import UserError
+
+PRIMES = (1, 2654435761, 805459861)
+UINT32 = 0xFFFFFFFF
+CHUNK = 1 << 15  # points per pass of the torch path
+
+
+@dataclass(frozen=True)
+class GridLevel:
+    scale: float  # lattice coordinate = x * scale + 0.5
+    resolution: int  # vertices per axis
+    size: int  # table entries
+    offset: int  # first entry of this level in the flat table
+    dense: bool  # indexed without hashing
+
+
+def grid_levels(n_levels: int, log2_hashmap_size: int, base_resolution: int, per_level_scale: float) -> list[GridLevel]:
+    """The per-level layout tiny-cuda-nn's GridEncoding computes for a 3D hash grid."""
+    log2_scale = np.log2(np.float32(per_level_scale))
+    levels, offset = [], 0
+    for level in range(n_levels):
+        scale = np.exp2(np.float32(level) * log2_scale) * np.float32(base_resolution) - np.float32(1.0)
+        resolution = int(np.ceil(scale)) + 1
+        dense_size = -(-(resolution**3) // 8) * 8
+        size = min(dense_size, 2**log2_hashmap_size)
+        levels.append(GridLevel(float(scale), resolution, size, offset, resolution**3 <= size))
+        offset += size
+    return levels
+
+
+def tcnn_available() -> bool:
+    """Whether tinycudann imports and has a CUDA device to run on."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import tinycudann  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+class HashGridEncoding(nn.Module):
+    """Points in [0, 1]^3 (others are clamped), shape (..., 3) -> features (..., n_levels * n_features_per_level).
+
+    `per_level_scale` defaults to (max_resolution / base_resolution) ** (1 / (n_levels - 1)); the defaults give
+    threestudio's 1.4473. `backend`: "torch" (pure PyTorch, any device), "tcnn" (tinycudann, CUDA inputs only) or
+    "auto" (tcnn when it imports and CUDA is available). With tcnn, CPU inputs still go through the torch path,
+    which computes the same function of the same parameters.
+    """
+
+    def __init__(
+        self,
+        n_levels: int = 16,
+        n_features_per_level: int = 2,
+        log2_hashmap_size: int = 19,
+        base_resolution: int = 16,
+        per_level_scale: float | None = None,
+        max_resolution: int = 4096,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if per_level_scale is None:
+            per_level_scale = (max_resolution / base_resolution) ** (1.0 / max(n_levels - 1, 1))
+        if per_level_scale < 1.0:
+            raise UserError(f"per_level_scale must be >= 1, got {per_level_scale}")
+        if backend not in ("auto", "torch", "tcnn"):
+            raise UserError(f"encoding backend must be auto, torch or tcnn, got {backend!r}")
+        self.n_levels, self.n_features_per_level = n_levels, n_features_per_level
+        self.log2_hashmap_size, self.base_resolution = log2_hashmap_size, base_resolution
+        self.per_level_scale = float(per_level_scale)
+        self.levels = grid_levels(n_levels, log2_hashmap_size, base_resolution, self.per_level_scale)
+        self.n_output_dims = n_levels * n_features_per_level
+        n_entries = self.levels[-1].offset + self.levels[-1].size
+        self.params = nn.Parameter(torch.empty(n_entries * n_features_per_level).uniform_(-1e-4, 1e-4))
+
+        # Dense levels come first (resolution grows with the level), so they form a prefix of the level axis.
+        self.n_dense = sum(level.dense for level in self.levels)
+        strides = [(1, lv.resolution, lv.resolution**2) if lv.dense else PRIMES for lv in self.levels]
+        buffers = {
+            "scales": torch.tensor([lv.scale for lv in self.levels], dtype=torch.float32),
+            "strides": torch.tensor(strides, dtype=torch.int64),
+            "sizes": torch.tensor([lv.size for lv in self.levels], dtype=torch.int32),
+            "offsets": torch.tensor([lv.offset for lv in self.levels], dtype=torch.int32),
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, value, persistent=False)
+
+        self.backend = "tcnn" if backend == "tcnn" or (backend == "auto" and tcnn_available()) else "torch"
+        if self.backend == "tcnn":  # kept out of the module tree: its parameters are self.params
+            object.__setattr__(self, "_tcnn", self._make_tcnn())
+
+    def tcnn_config(self) -> dict:
+        return {
+            "otype": "HashGrid",
+            "n_levels": self.n_levels,
+            "n_features_per_level": self.n_features_per_level,
+            "log2_hashmap_size": self.log2_hashmap_size,
+            "base_resolution": self.base_resolution,
+            "per_level_scale": self.per_level_scale,
+        }
+
+    def _make_tcnn(self):
+        if not tcnn_available():
+            raise UserError(
+                "encoding backend 'tcnn' needs a CUDA GPU and tinycudann (pip install "
+                "git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch); or set backend=torch"
+            )
+        import tinycudann
+
+        module = tinycudann.Encoding(3, self.tcnn_config())
+        if module.params.numel() != self.params.numel():
+            raise RuntimeError(f"tinycudann holds {module.params.numel()} parameters, expected {self.params.numel()}")
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, 3)
+        if self.backend == "tcnn" and flat.is_cuda:
+            self._tcnn.params = self.params  # tcnn's forward reads this attribute: one parameter, one layout
+            out = self._tcnn(flat).float()
+        elif torch.is_grad_enabled() and (flat.requires_grad or self.params.requires_grad):
+            # Chunks keep the (N, L, 8) temporaries cache-sized; checkpointing keeps only the inputs for backward.
+            out = torch.cat([checkpoint(self._encode_torch, c, use_reentrant=False) for c in flat.split(CHUNK)])
+        else:
+            out = torch.cat([self._encode_torch(c) for c in flat.split(CHUNK)])
+        return out.reshape(*x.shape[:-1], self.n_output_dims)
+
+    def _encode_torch(self, x: torch.Tensor) -> torch.Tensor:
+        n, n_levels, n_feat = x.shape[0], self.n_levels, self.n_features_per_level
+        pos = x.float().clamp(0.0, 1.0)[:, None, :] * self.scales[:, None] + 0.5  # (N, L, 3)
+        cell = pos.detach().floor()
+        frac = pos - cell
+        # Lower and upper lattice coordinate per axis times the axis stride, modulo 2**32 as in tcnn's uint32
+        # arithmetic, then held as int32 with the same bits: xor and the power-of-two mask act on bits alone.
+        corner = cell.long()[:, :, None, :] + torch.arange(2, device=x.device)[:, None]  # (N, L, 2, 3)
+        terms = (corner * self.strides[:, None, :]) & UINT32
+        terms = torch.where(terms >= 2**31, terms - 2**32, terms).int()
+        tx, ty, tz = _outer_axes(terms)  # corners ordered (x bit, y bit, z bit)
+        d, sizes = self.n_dense, self.sizes[:, None, None, None]
+        dense = (tx[:, :d] + ty[:, :d] + tz[:, :d]) % sizes[:d]  # below 2**31, so no wrap-around
+        hashed = (tx[:, d:] ^ ty[:, d:] ^ tz[:, d:]) & (sizes[d:] - 1)  # hashed tables are 2**log2_hashmap_size
+        index = torch.cat([dense, hashed], dim=1) + self.offsets[:, None, None, None]
+        values = self.params.view(-1, n_feat).index_select(0, index.reshape(-1).long()).view(n, n_levels, 8, n_feat)
+        wx, wy, wz = _outer_axes(torch.stack([1 - frac, frac], dim=2))
+        weights = (wx * wy * wz).reshape(n, n_levels, 1, 8)
+        return (weights @ values).view(n, n_levels * n_feat)
+
+    def extra_repr(self) -> str:
+        return (
+            f"levels={self.n_levels}x{self.n_features_per_level}, table=2^{self.log2_hashmap_size}, "
+            f"base={self.base_resolution}, scale={self.per_level_scale:.4f}, dense_levels={self.n_dense}, "
+            f"params={self.params.numel()}, backend={self.backend}"
+        )
+
+
+def _outer_axes(per_axis: torch.Tensor):
+    """(..., 2, 3) lower/upper values per axis -> three (..., 2, 2, 2) tensors that broadcast over the 8 corners."""
+    return (
+        per_axis[..., 0][..., :, None, None],
+        per_axis[..., 1][..., None, :, None],
+        per_axis[..., 2][..., None, None, :],
+    )
