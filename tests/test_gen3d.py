@@ -1,0 +1,130 @@
+"""Stage 2: per-view prompt sampling, the CLI on CPU, resume equality, bad input, export of a run."""
+
+import pytest
+import torch
+import trimesh
+from omegaconf import OmegaConf
+
+from dd3d.cli import run
+from dd3d.distribution import PromptDistribution
+from dd3d.gen3d import PromptNoise, export_main, main
+from dd3d.view_prompts import VIEWS, ViewPrompts
+
+SMALL = [
+    "steps=4", "camera.width=8", "camera.height=8", "renderer.num_steps=16", "occupancy.resolution=8",
+    "occupancy.warmup_steps=2", "occupancy.update_every=2", "field.encoding.n_levels=2",
+    "field.encoding.log2_hashmap_size=10", "field.hidden_dim=16", "validation.every=2", "validation.size=8",
+    "validation.views=2", "checkpoint_every=2", "video.frames=2", "video.size=8", "export.resolution=16",
+    "shading.albedo_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def dist_file(backbone, tmp_path_factory):
+    path = tmp_path_factory.mktemp("dist") / "distribution.safetensors"
+    ctx = torch.randn(6, 4, 32, generator=torch.Generator().manual_seed(0))
+    PromptDistribution(ctx, "a", "house", str(backbone.model_id), backbone.fingerprint).save(path)
+    return path
+
+
+def cli(entry, args, capsys):
+    try:
+        run(entry, [str(a) for a in args])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def test_view_prompts_use_the_view_template_and_empty_uncond(backbone, dist_file):
+    cfg = OmegaConf.create({"dists": [str(dist_file)], "weights": None, "mix": "blend", "std_scale": [1.0],
+                            "prefix": None, "suffix": None, "class_index": None})
+    prompts = ViewPrompts.from_distributions(cfg, backbone)
+    dist = PromptDistribution.load(dist_file)
+    eps = torch.randn(2, 77, 32)
+    cond, uncond = prompts.draw(["back", "overhead"], eps, torch.rand(2))
+    for row, view, e in zip(cond, ["back", "overhead"], eps):
+        expected = dist.fit(backbone, suffix=f"house, {view} view").apply(e[None])[0][0]
+        assert torch.allclose(row, expected, atol=1e-5)
+    assert torch.allclose(uncond[0], backbone.encode_text([""])[0])
+    assert set(prompts.samplers) == set(VIEWS)
+
+
+def test_per_iteration_draws_differ_per_asset_draws_stay_close():
+    cfg = OmegaConf.create({"prompt_draw": "auto", "num_samples": 1, "prompt_jitter": 0.3, "seed": 0})
+    per_iteration = PromptNoise(cfg, 0, (77, 8))
+    a, _ = per_iteration.draw(1, torch.Generator().manual_seed(1))
+    b, _ = per_iteration.draw(1, torch.Generator().manual_seed(2))
+    assert per_iteration.mode == "per_iteration" and not torch.allclose(a, b)
+    per_asset = [PromptNoise(OmegaConf.merge(cfg, {"num_samples": 2}), asset, (77, 8)) for asset in (0, 1)]
+    assert per_asset[0].mode == "per_asset"
+    x, _ = per_asset[0].draw(1, torch.Generator().manual_seed(1))
+    y, _ = per_asset[0].draw(1, torch.Generator().manual_seed(2))
+    other, _ = per_asset[1].draw(1, torch.Generator().manual_seed(1))
+    assert (x - y).std() < (x - other).std()  # jitter around one asset's draw, far from another asset's
+
+
+def test_cli_runs_resumes_exactly_and_exports(tiny_model, dist_file, tmp_path, capsys):
+    common = ["--dist", dist_file, "--model", tiny_model, *SMALL]
+    code, err = cli(main, [*common, "--out", tmp_path / "whole"], capsys)
+    assert code == 0, err
+    whole = tmp_path / "whole"
+    for name in ("config.yaml", "train.log", "mesh.obj", "mesh.glb", "validation/step-000004.png"):
+        assert (whole / name).is_file(), name
+    assert (whole / "turntable.mp4").is_file() or (whole / "turntable.gif").is_file()
+    assert len(trimesh.load(whole / "mesh.glb", force="mesh").faces) > 0
+
+    assert cli(main, [*common, "--out", tmp_path / "split", "steps=2"], capsys)[0] == 0
+    assert cli(main, ["--out", tmp_path / "split", "resume=true", "steps=4"], capsys)[0] == 0
+    a = torch.load(whole / "checkpoints" / "step-000004.pt")["scene"]
+    b = torch.load(tmp_path / "split" / "checkpoints" / "step-000004.pt")["scene"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    (whole / "mesh.glb").unlink()
+    code, err = cli(export_main, [whole, "--format", "glb", "--resolution", "12"], capsys)
+    assert code == 0, err
+    assert (whole / "mesh.glb").is_file()
+
+
+def test_plain_prompt_and_several_assets(tiny_model, tmp_path, capsys):
+    args = ["--prompt", "a red house", "--model", tiny_model, "--num-samples", "2", "--out", tmp_path / "two",
+            *SMALL, "steps=1", "export.formats=[]"]
+    code, err = cli(main, args, capsys)
+    assert code == 0, err
+    assert (tmp_path / "two" / "sample-0" / "checkpoints").is_dir()
+    assert (tmp_path / "two" / "sample-1" / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "either --dist"),
+        (["camera.elevation_range=[50,10]"], "impossible camera ranges"),
+        (["camera.distance_range=[0.5,0.8]"], "impossible camera ranges"),
+    ],
+)
+def test_bad_input(args, message, tiny_model, tmp_path, capsys):
+    code, err = cli(main, ["--model", tiny_model, "--out", tmp_path / "run", *args,
+                           *(["--prompt", "a house"] if args else [])], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_other_text_encoder_is_refused(tiny_model_v, dist_file, tmp_path, capsys):
+    code, err = cli(main, ["--dist", dist_file, "--model", tiny_model_v, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and "learned for the text encoder" in err
+
+
+def test_nan_stops_and_keeps_the_last_good_checkpoint(tiny_model, dist_file, tmp_path, capsys, monkeypatch):
+    from dd3d import sds
+
+    original = sds.ScoreDistillation.__call__
+
+    def poisoned(self, rgb, cond, uncond, iteration, generator):
+        loss, info = original(self, rgb, cond, uncond, iteration, generator)
+        return (loss * float("nan") if iteration == 2 else loss), info
+
+    monkeypatch.setattr(sds.ScoreDistillation, "__call__", poisoned)
+    code, err = cli(main, ["--dist", dist_file, "--model", tiny_model, "--out", tmp_path / "run", *SMALL], capsys)
+    assert code == 2 and "loss became nan at step 3" in err and "step-000002.pt is kept" in err
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000002.pt"]
