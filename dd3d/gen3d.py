@@ -40,9 +40,9 @@ class Scene(torch.nn.Module):
         self.renderer = VolumeRenderer(**OmegaConf.to_container(cfg.renderer, resolve=True))
         self.occupancy = OccupancyGrid(radius=cfg.field.radius, **OmegaConf.to_container(cfg.occupancy, resolve=True))
 
-    def render(self, cameras, height: int, width: int, shading: str = "albedo", lights=None) -> dict:
+    def render(self, cameras, height: int, width: int, shading: str = "albedo", lights=None, normals=True) -> dict:
         origins, directions = camera_rays(cameras, height, width)
-        return self.renderer(self.field, origins, directions, self.occupancy, shading, lights)
+        return self.renderer(self.field, origins, directions, self.occupancy, shading, lights, normals)
 
     def albedo(self, points: torch.Tensor) -> torch.Tensor:
         return self.field(points)[1]
@@ -204,7 +204,8 @@ def train_asset(cfg: DictConfig, backbone, prompts: ViewPrompts, asset: int, fol
         cameras = sample_training_cameras(cfg, generator)
         lights = light_positions(cameras, cfg.camera, generator)
         shading = pick_shading(cfg.shading, step, generator)
-        out = scene.render(cameras.to(device), cfg.camera.height, cfg.camera.width, shading, lights.to(device))
+        out = scene.render(cameras.to(device), cfg.camera.height, cfg.camera.width, shading, lights.to(device),
+                           normals=cfg.loss.orient > 0)
         eps, uniforms = noise.draw(len(cameras), generator)
         cond, uncond = prompts.draw(cameras.views, eps, uniforms)
         sds, info = guidance(out["rgb"], cond.to(device), uncond.to(device), step, generator)

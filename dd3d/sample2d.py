@@ -173,7 +173,7 @@ def open_backbone(cfg: DictConfig):
     from dd3d.backbone import Backbone
 
     model = cfg.model
-    if model is None and Path(cfg.dists[0]).suffix != ".pt":
+    if model is None and cfg.dists and Path(cfg.dists[0]).suffix != ".pt":
         model = PromptDistribution.load(Path(cfg.dists[0])).model_id
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32

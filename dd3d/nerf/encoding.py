@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 from dd3d.cli import UserError
 
@@ -137,32 +137,30 @@ class HashGridEncoding(nn.Module):
         if self.backend == "tcnn" and flat.is_cuda:
             self._tcnn.params = self.params  # tcnn's forward reads this attribute: one parameter, one layout
             out = self._tcnn(flat).float()
-        elif torch.is_grad_enabled() and (flat.requires_grad or self.params.requires_grad):
-            # Chunks keep the (N, L, 8) temporaries cache-sized; checkpointing keeps only the inputs for backward.
-            out = torch.cat([checkpoint(self._encode_torch, c, use_reentrant=False) for c in flat.split(CHUNK)])
         else:
-            out = torch.cat([self._encode_torch(c) for c in flat.split(CHUNK)])
+            out = _HashGridFunction.apply(flat.float(), self.params, self)
         return out.reshape(*x.shape[:-1], self.n_output_dims)
 
-    def _encode_torch(self, x: torch.Tensor) -> torch.Tensor:
-        n, n_levels, n_feat = x.shape[0], self.n_levels, self.n_features_per_level
-        pos = x.float().clamp(0.0, 1.0)[:, None, :] * self.scales[:, None] + 0.5  # (N, L, 3)
-        cell = pos.detach().floor()
-        frac = pos - cell
+    def _corners(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Points (n, 3) -> table row of each level's 8 surrounding vertices (n, L, 8), ordered (x bit, y bit,
+        z bit), and the fractional position within the level's cell (n, L, 3)."""
+        pos = x.clamp(0.0, 1.0)[:, None, :] * self.scales[:, None] + 0.5  # (n, L, 3)
+        cell = pos.floor()
         # Lower and upper lattice coordinate per axis times the axis stride, modulo 2**32 as in tcnn's uint32
         # arithmetic, then held as int32 with the same bits: xor and the power-of-two mask act on bits alone.
-        corner = cell.long()[:, :, None, :] + torch.arange(2, device=x.device)[:, None]  # (N, L, 2, 3)
+        corner = cell.long()[:, :, None, :] + torch.arange(2, device=x.device)[:, None]  # (n, L, 2, 3)
         terms = (corner * self.strides[:, None, :]) & UINT32
-        terms = torch.where(terms >= 2**31, terms - 2**32, terms).int()
-        tx, ty, tz = _outer_axes(terms)  # corners ordered (x bit, y bit, z bit)
+        tx, ty, tz = _outer_axes(torch.where(terms >= 2**31, terms - 2**32, terms).int())
         d, sizes = self.n_dense, self.sizes[:, None, None, None]
         dense = (tx[:, :d] + ty[:, :d] + tz[:, :d]) % sizes[:d]  # below 2**31, so no wrap-around
         hashed = (tx[:, d:] ^ ty[:, d:] ^ tz[:, d:]) & (sizes[d:] - 1)  # hashed tables are 2**log2_hashmap_size
         index = torch.cat([dense, hashed], dim=1) + self.offsets[:, None, None, None]
-        values = self.params.view(-1, n_feat).index_select(0, index.reshape(-1).long()).view(n, n_levels, 8, n_feat)
-        wx, wy, wz = _outer_axes(torch.stack([1 - frac, frac], dim=2))
-        weights = (wx * wy * wz).reshape(n, n_levels, 1, 8)
-        return (weights @ values).view(n, n_levels * n_feat)
+        return index.view(len(x), self.n_levels, 8).long(), pos - cell
+
+    def _gather(self, params: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(n, L, 8) rows of the flat table -> their features (n, L, 8, F)."""
+        n_feat = self.n_features_per_level
+        return params.view(-1, n_feat).index_select(0, index.view(-1)).view(*index.shape, n_feat)
 
     def extra_repr(self) -> str:
         return (
@@ -179,3 +177,53 @@ def _outer_axes(per_axis: torch.Tensor):
         per_axis[..., 1][..., None, :, None],
         per_axis[..., 2][..., None, None, :],
     )
+
+
+def _trilinear(frac: torch.Tensor) -> torch.Tensor:
+    """Fractional positions (n, L, 3) -> the weights of the 8 corners (n, L, 8)."""
+    wx, wy, wz = _outer_axes(torch.stack([1 - frac, frac], dim=2))
+    return (wx * wy * wz).flatten(2)
+
+
+def _trilinear_derivatives(frac: torch.Tensor) -> torch.Tensor:
+    """d weight / d frac: (n, L, 8, 3)."""
+    wx, wy, wz = _outer_axes(torch.stack([1 - frac, frac], dim=2))
+    sign = torch.tensor([-1.0, 1.0], device=frac.device)
+    dx, dy, dz = sign[:, None, None], sign[None, :, None], sign[None, None, :]
+    return torch.stack([(dx * wy * wz).flatten(2), (wx * dy * wz).flatten(2), (wx * wy * dz).flatten(2)], dim=-1)
+
+
+class _HashGridFunction(torch.autograd.Function):
+    """The torch path, CHUNK points at a time. Backward recomputes the corner indices and weights rather than keep
+    them (they would take ~1 KB per point), so memory grows only with the inputs. First-order gradients only."""
+
+    @staticmethod
+    def forward(ctx, x, params, encoding):
+        ctx.save_for_backward(x, params)
+        ctx.encoding = encoding
+        out = []
+        for chunk in x.split(CHUNK):
+            index, frac = encoding._corners(chunk)
+            out.append((_trilinear(frac)[:, :, None, :] @ encoding._gather(params, index)).flatten(1))
+        return torch.cat(out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, params = ctx.saved_tensors
+        encoding = ctx.encoding
+        n_levels, n_feat = encoding.n_levels, encoding.n_features_per_level
+        grad_table = torch.zeros_like(params).view(-1, n_feat) if ctx.needs_input_grad[1] else None
+        grad_x = []
+        for chunk, grad in zip(x.split(CHUNK), grad_out.split(CHUNK)):
+            index, frac = encoding._corners(chunk)
+            grad = grad.reshape(len(chunk), n_levels, 1, n_feat)
+            if grad_table is not None:
+                grad_table.index_add_(0, index.view(-1), (_trilinear(frac)[..., None] * grad).view(-1, n_feat))
+            if ctx.needs_input_grad[0]:
+                projected = (encoding._gather(params, index) * grad).sum(-1)  # (n, L, 8)
+                grad_frac = (_trilinear_derivatives(frac) * projected[..., None]).sum(2)  # (n, L, 3)
+                inside = ((chunk >= 0) & (chunk <= 1)).float()  # inputs are clamped to [0, 1]
+                grad_x.append((grad_frac * encoding.scales[:, None]).sum(1) * inside)
+        grad_params = None if grad_table is None else grad_table.view(-1)
+        return (torch.cat(grad_x) if grad_x else None), grad_params, None

@@ -102,13 +102,15 @@ class VolumeRenderer(nn.Module):
         occupancy=None,
         shading: str = "albedo",
         light_positions: torch.Tensor | None = None,
+        normals: bool = True,
     ) -> dict:
         """Rays (..., 3) -> dict with rgb (..., 3) (over the background), opacity (..., 1), depth (..., 1) (expected
         distance along the ray of what is seen, sum w t / opacity; 0 where empty), normal (..., 3) (sum w n, world
         space), the scalars loss_orient (DreamFusion: mean over rays of sum_i stopgrad(w_i) max(0, n_i . d)^2),
         loss_sparsity (mean sqrt(opacity^2 + 0.01)), loss_opaque (mean binary entropy of opacity), and the int
         num_samples. `light_positions`, needed unless shading is albedo: (3,), (B, 3) for rays (B, ..., 3), or
-        one per ray."""
+        one per ray. `normals=False` skips the normals (six density evaluations per sample) when shading is albedo:
+        the normal map and loss_orient are then zero."""
         if shading not in SHADINGS:
             raise ValueError(f"shading must be one of {SHADINGS}, got {shading!r}")
         if shading != "albedo" and light_positions is None:
@@ -120,7 +122,7 @@ class VolumeRenderer(nn.Module):
         step = self.step_size or 2.0 * math.sqrt(3.0) * field.radius / self.num_steps
         light_chunks = itertools.repeat(None) if lights is None else lights.split(self.chunk)
         parts = [
-            self._march(field, o, d, light, occupancy, shading, step)
+            self._march(field, o, d, light, occupancy, shading, step, normals or shading != "albedo")
             for o, d, light in zip(origins.split(self.chunk), directions.split(self.chunk), light_chunks)
         ]
         out = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
@@ -139,7 +141,7 @@ class VolumeRenderer(nn.Module):
             "num_samples": int(out["num_samples"].sum()),
         }
 
-    def _march(self, field, origins, directions, lights, occupancy, shading: str, step: float) -> dict:
+    def _march(self, field, origins, directions, lights, occupancy, shading: str, step: float, with_normals: bool):
         n_rays = origins.shape[0]
         use_nerfacc = self.backend != "torch" and origins.is_cuda and nerfacc_available()
         with torch.no_grad():
@@ -157,7 +159,7 @@ class VolumeRenderer(nn.Module):
         else:
             weights = packed_weights(t_starts, t_ends, density, ray_idx, n_rays)
 
-        keep = weights.detach() > self.normal_weight_threshold
+        keep = weights.detach() > (self.normal_weight_threshold if with_normals else math.inf)
         normals = torch.zeros_like(points).index_put((keep,), field.normals(points[keep]))
         if shading == "albedo":
             colour = albedo
