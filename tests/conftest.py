@@ -12,6 +12,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dd3d.backbone import Backbone  # noqa: E402
+from dd3d.cli import run  # noqa: E402
 from dd3d.tiny.build import save_tiny_model  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -54,3 +55,13 @@ def refs(tmp_path):
     for index in range(4):
         make_house(seed=index).save(folder / f"house{index}.png")
     return folder
+
+
+def run_cli(entry, args, capsys):
+    """Run a command-line entry point in-process, as the scripts do; returns (exit code, captured out/err)."""
+    try:
+        run(entry, [str(a) for a in args])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr()

@@ -5,10 +5,10 @@ import torch
 import trimesh
 from omegaconf import OmegaConf
 
-from dd3d.cli import run
 from dd3d.distribution import PromptDistribution
 from dd3d.gen3d import PromptNoise, export_main, main
 from dd3d.view_prompts import VIEWS, ViewPrompts
+from tests.conftest import run_cli
 
 SMALL = [
     "steps=4", "camera.width=8", "camera.height=8", "renderer.num_steps=16", "occupancy.resolution=8",
@@ -28,12 +28,8 @@ def dist_file(backbone, tmp_path_factory):
 
 
 def cli(entry, args, capsys):
-    try:
-        run(entry, [str(a) for a in args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
+    code, captured = run_cli(entry, args, capsys)
+    return code, captured.err
 
 
 def test_view_prompts_use_the_view_template_and_empty_uncond(backbone, dist_file):

@@ -10,9 +10,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 from transformers.masking_utils import create_causal_mask
 
-from dd3d.cli import UserError, run
+from dd3d.cli import UserError
 from dd3d.distribution import Gaussian, Mixture, PromptDistribution, blend, import_reference_checkpoint
 from dd3d.sample2d import build_sampler, describe, main, prompt_noise, regenerate, sample
+from tests.conftest import run_cli
 
 CFG = OmegaConf.load("configs/sample2d.yaml")
 
@@ -146,12 +147,7 @@ def test_describe_finds_known_tokens(backbone):
 
 
 def cli(args, capsys):
-    try:
-        run(main, [str(a) for a in args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr()
+    return run_cli(main, args, capsys)
 
 
 def test_cli_describe_and_sample(tiny_model, dist_files, tmp_path, capsys):

@@ -8,22 +8,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dd3d.cli import run
 from dd3d.distribution import PromptDistribution
 from dd3d.learn import main
+from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["prompt.num_prompts=4", "train.batch_size=2", "train.num_samples=2", "augment.crops=1", "sample.every=0"]
 
 
 def cli(args, capsys):
-    """Run the CLI in-process; returns (exit code, stderr)."""
-    try:
-        run(main, [str(a) for a in args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
+    code, captured = run_cli(main, args, capsys)
+    return code, captured.err
 
 
 def test_end_to_end_subprocess(tiny_model, refs, tmp_path):
