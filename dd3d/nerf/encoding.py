@@ -122,8 +122,8 @@ class HashGridEncoding(nn.Module):
     def _make_tcnn(self):
         if not tcnn_available():
             raise UserError(
-                "encoding backend 'tcnn' needs a CUDA GPU and tinycudann (pip install "
-                "git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch); or set backend=torch"
+                "encoding backend 'tcnn' needs a CUDA GPU and tinycudann (built from NVlabs' tiny-cuda-nn, "
+                "bindings/torch); or set field.encoding.backend=torch"
             )
         import tinycudann
 
