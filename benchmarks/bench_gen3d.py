@@ -76,8 +76,9 @@ def run(backbone: Backbone, cfg, iterations: int) -> dict:
             timer.totals.pop("floor", None)
         with timer("floor"):
             latents = guidance.encode(image)
-            gradient = sds_gradient(backbone, latents, cond, uncond, torch.tensor([500], device=device),
-                                    torch.randn_like(latents), 100.0)
+            gradient = sds_gradient(
+                backbone, latents, cond, uncond, torch.tensor([500], device=device), torch.randn_like(latents), 100.0
+            )
             sds_loss(latents, gradient).backward()
     return {name: 1000 * total / iterations for name, total in timer.totals.items()}
 

@@ -25,9 +25,7 @@ from dd3d.learn import PromptLearner, step_generator, training_losses  # noqa: E
 from dd3d.prompts import SoftPromptEncoder  # noqa: E402
 from dd3d.tiny.build import save_tiny_model  # noqa: E402
 
-TRAIN = OmegaConf.create(
-    {"batch_size": 4, "num_samples": 4, "min_snr_gamma": 5.0, "ortho_weight": 1e-3}
-)
+TRAIN = OmegaConf.create({"batch_size": 4, "num_samples": 4, "min_snr_gamma": 5.0, "ortho_weight": 1e-3})
 
 
 def time_steps(backbone: Backbone, latent_size: int, steps: int, autocast_dtype) -> float:
@@ -67,8 +65,14 @@ def main() -> None:
 
         for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
             backbone = sd21_base_backbone("cuda", dtype or torch.float32)
-            rows.append(("SD-2.1-base shape, 512 px", torch.cuda.get_device_name(), name,
-                         time_steps(backbone, 64, args.steps, dtype)))
+            rows.append(
+                (
+                    "SD-2.1-base shape, 512 px",
+                    torch.cuda.get_device_name(),
+                    name,
+                    time_steps(backbone, 64, args.steps, dtype),
+                )
+            )
             del backbone
             torch.cuda.empty_cache()
     print(f"# {platform.node()} torch {torch.__version__}, {torch.get_num_threads()} CPU threads")

@@ -13,9 +13,17 @@ def sd21_base_backbone(device, dtype) -> Backbone:
     """OpenCLIP-H text encoder (23 layers, width 1024), the 865M-parameter UNet, the SD VAE; epsilon, 512 px."""
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-            num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
-            bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
+            vocab_size=49408,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=23,
+            num_attention_heads=16,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            projection_dim=512,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=0,
         )
     )
     unet = UNet2DConditionModel(

@@ -161,7 +161,10 @@ class Backbone:
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """Encoder hidden states (B, 77, d) for plain prompts, as a diffusers pipeline computes them."""
         ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.text_encoder.device)
         return self.text_encoder(ids).last_hidden_state

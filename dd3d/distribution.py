@@ -143,8 +143,8 @@ class PromptDistribution:
         if backbone.fingerprint != self.fingerprint:
             raise UserError(
                 f"this distribution was learned for the text encoder of '{self.model_id}' "
-                f"(fingerprint {self.fingerprint}), but the loaded model '{backbone.model_id}' has {backbone.fingerprint}; "
-                "pass the matching --model"
+                f"(fingerprint {self.fingerprint}), but the loaded model '{backbone.model_id}' has "
+                f"{backbone.fingerprint}; pass the matching --model"
             )
 
     def encoder(self, backbone, prefix: str | None = None, suffix: str | None = None) -> SoftPromptEncoder:

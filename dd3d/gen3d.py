@@ -26,7 +26,7 @@ from dd3d.cli import CONFIG_DIR, UserError, add_config_arguments, load_config, p
 from dd3d.export import extract_mesh, write_mesh
 from dd3d.files import Checkpoints, atomic_write
 from dd3d.nerf import NeRFField, OccupancyGrid, VolumeRenderer, camera_rays, orbit_cameras, sample_cameras
-from dd3d.sample2d import image_grid, open_backbone
+from dd3d.sample2d import open_backbone
 from dd3d.sds import ScoreDistillation
 from dd3d.view_prompts import ViewPrompts
 
@@ -59,7 +59,9 @@ def derived_seed(seed: int, asset: int, stream: int, step: int = 0) -> int:
 def light_positions(cameras, cfg: DictConfig, generator: torch.Generator) -> torch.Tensor:
     """A point light per camera: near the camera's direction, a random multiple of the camera distance away."""
     direction = cameras.positions / cameras.distance[:, None]
-    jittered = torch.nn.functional.normalize(direction + cfg.light_jitter * torch.randn(direction.shape, generator=generator), dim=-1)
+    jittered = torch.nn.functional.normalize(
+        direction + cfg.light_jitter * torch.randn(direction.shape, generator=generator), dim=-1
+    )
     low, high = cfg.light_distance_range
     scale = low + (high - low) * torch.rand(len(cameras), generator=generator)
     return jittered * (scale * cameras.distance)[:, None]
@@ -102,7 +104,10 @@ class PromptNoise:
             raise UserError(f"prompt_draw must be auto, per_iteration or per_asset, not '{cfg.prompt_draw}'")
         self.mode, self.jitter, self.shape = mode, cfg.prompt_jitter, shape
         generator = torch.Generator().manual_seed(derived_seed(cfg.seed, asset, ASSET_PROMPT_STREAM))
-        self.asset_eps, self.asset_uniform = torch.randn(shape, generator=generator), torch.rand((), generator=generator)
+        self.asset_eps, self.asset_uniform = (
+            torch.randn(shape, generator=generator),
+            torch.rand((), generator=generator),
+        )
 
     def draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         fresh = torch.randn((n, *self.shape), generator=generator)
@@ -128,7 +133,9 @@ def write_validation(scene: Scene, cfg: DictConfig, path: Path) -> None:
     val = cfg.validation
     cameras = orbit_cameras(val.views, cfg.video.elevation, cfg.video.distance, cfg.video.fovy).to(_device(scene))
     lights = cameras.positions * 1.5
-    rows = render_views(scene, cameras, val.size, "albedo") + render_views(scene, cameras, val.size, "lambertian", lights)
+    rows = render_views(scene, cameras, val.size, "albedo") + render_views(
+        scene, cameras, val.size, "lambertian", lights
+    )
     grid = Image.new("RGB", (val.size * val.views, val.size * 2))
     for index, image in enumerate(rows):
         grid.paste(Image.fromarray(image), ((index % val.views) * val.size, (index // val.views) * val.size))
@@ -146,21 +153,31 @@ def write_turntable(scene: Scene, cfg: DictConfig, folder: Path) -> Path:
         frames += render_views(scene, part, video.size, "lambertian", part.positions * 1.5)
     try:
         path = folder / "turntable.mp4"
-        atomic_write(path, lambda tmp: imageio.mimwrite(tmp, frames, fps=video.fps, format="FFMPEG", macro_block_size=1))
+        atomic_write(
+            path, lambda tmp: imageio.mimwrite(tmp, frames, fps=video.fps, format="FFMPEG", macro_block_size=1)
+        )
     except (ImportError, RuntimeError, OSError, ValueError) as err:
         warn(f"no mp4 writer ({str(err).splitlines()[0]}); writing a gif instead")
         path = folder / "turntable.gif"
         images = [Image.fromarray(frame) for frame in frames]
-        atomic_write(path, lambda tmp: images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
-                                                    duration=int(1000 / video.fps), loop=0))
+        atomic_write(
+            path,
+            lambda tmp: images[0].save(
+                tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / video.fps), loop=0
+            ),
+        )
     return path
 
 
 def cameras_slice(cameras, start: int, end: int):
     return replace(
-        cameras, c2w=cameras.c2w[start:end], fovy_deg=cameras.fovy_deg[start:end],
-        elevation_deg=cameras.elevation_deg[start:end], azimuth_deg=cameras.azimuth_deg[start:end],
-        distance=cameras.distance[start:end], views=cameras.views[start:end],
+        cameras,
+        c2w=cameras.c2w[start:end],
+        fovy_deg=cameras.fovy_deg[start:end],
+        elevation_deg=cameras.elevation_deg[start:end],
+        azimuth_deg=cameras.azimuth_deg[start:end],
+        distance=cameras.distance[start:end],
+        views=cameras.views[start:end],
     )
 
 
@@ -171,9 +188,15 @@ def _device(scene: Scene) -> torch.device:
 def export(scene: Scene, cfg: DictConfig, folder: Path, progress: bool = True) -> list[Path]:
     """The asset as meshes (formats in cfg.export) in `folder`."""
     mesh = extract_mesh(
-        scene.field.density, scene.albedo, aabb=scene.field.radius, resolution=cfg.export.resolution,
-        threshold=cfg.export.threshold, texture_size=cfg.export.texture, face_budget=cfg.export.face_budget,
-        device=_device(scene), progress=progress,
+        scene.field.density,
+        scene.albedo,
+        aabb=scene.field.radius,
+        resolution=cfg.export.resolution,
+        threshold=cfg.export.threshold,
+        texture_size=cfg.export.texture,
+        face_budget=cfg.export.face_budget,
+        device=_device(scene),
+        progress=progress,
     )
     return write_mesh(mesh, folder / "mesh", formats=list(cfg.export.formats))
 
@@ -204,13 +227,23 @@ def train_asset(cfg: DictConfig, backbone, prompts: ViewPrompts, asset: int, fol
         cameras = sample_training_cameras(cfg, generator)
         lights = light_positions(cameras, cfg.camera, generator)
         shading = pick_shading(cfg.shading, step, generator)
-        out = scene.render(cameras.to(device), cfg.camera.height, cfg.camera.width, shading, lights.to(device),
-                           normals=cfg.loss.orient > 0)
+        out = scene.render(
+            cameras.to(device),
+            cfg.camera.height,
+            cfg.camera.width,
+            shading,
+            lights.to(device),
+            normals=cfg.loss.orient > 0,
+        )
         eps, uniforms = noise.draw(len(cameras), generator)
         cond, uncond = prompts.draw(cameras.views, eps, uniforms)
         sds, info = guidance(out["rgb"], cond.to(device), uncond.to(device), step, generator)
-        loss = (sds + cfg.loss.orient * out["loss_orient"] + cfg.loss.sparsity * out["loss_sparsity"]
-                + cfg.loss.opaque * out["loss_opaque"])
+        loss = (
+            sds
+            + cfg.loss.orient * out["loss_orient"]
+            + cfg.loss.sparsity * out["loss_sparsity"]
+            + cfg.loss.opaque * out["loss_opaque"]
+        )
         if not torch.isfinite(loss):
             kept = checkpoints.paths()
             raise UserError(
@@ -225,8 +258,10 @@ def train_asset(cfg: DictConfig, backbone, prompts: ViewPrompts, asset: int, fol
         done = step + 1
         progress.set_postfix(loss=f"{loss.item():.3g}", t=f"{info['t']:.0f}")
         if done % cfg.log_every == 0 or done == cfg.steps:
-            log.write(f"step {done} loss {loss.item():.6f} sds {sds.item():.6f} t {info['t']:.0f} "
-                      f"opacity {out['opacity'].mean().item():.4f} samples {out['num_samples']} {shading}\n")
+            log.write(
+                f"step {done} loss {loss.item():.6f} sds {sds.item():.6f} t {info['t']:.0f} "
+                f"opacity {out['opacity'].mean().item():.4f} samples {out['num_samples']} {shading}\n"
+            )
             log.flush()
         if cfg.validation.every and (done % cfg.validation.every == 0 or done == cfg.steps):
             scene.eval()
@@ -258,7 +293,9 @@ def generate(cfg: DictConfig) -> list[Path]:
         raise UserError("num_samples and steps must be at least 1")
     sample_training_cameras(cfg, None, 1)  # impossible ranges fail here, before anything is written
     backbone = open_backbone(cfg)
-    prompts = ViewPrompts.from_text(cfg.prompt, backbone) if cfg.prompt else ViewPrompts.from_distributions(cfg, backbone)
+    prompts = (
+        ViewPrompts.from_text(cfg.prompt, backbone) if cfg.prompt else ViewPrompts.from_distributions(cfg, backbone)
+    )
     out = Path(cfg.out)
     prepare_run_dir(out, cfg.resume, cfg.overwrite)
     atomic_write(out / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
@@ -272,7 +309,9 @@ def generate(cfg: DictConfig) -> list[Path]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="gen3d.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="gen3d.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dist", nargs="+", help="learned distribution file(s)")
     parser.add_argument("--prompt", help="plain text prompt instead of a distribution")
     parser.add_argument("--prefix", help="template text before the learned tokens")
@@ -286,9 +325,16 @@ def main(argv=None) -> None:
     add_config_arguments(parser)
     args = parser.parse_intermixed_args(argv)
     flags = {
-        "dists": args.dist, "prompt": args.prompt, "prefix": args.prefix, "suffix": args.suffix,
-        "num_samples": args.num_samples, "std_scale": args.std_scale, "weights": args.weights, "mix": args.mix,
-        "model": args.model, "out": args.out,
+        "dists": args.dist,
+        "prompt": args.prompt,
+        "prefix": args.prefix,
+        "suffix": args.suffix,
+        "num_samples": args.num_samples,
+        "std_scale": args.std_scale,
+        "weights": args.weights,
+        "mix": args.mix,
+        "model": args.model,
+        "out": args.out,
     }
     profile = None if torch.cuda.is_available() else CONFIG_DIR / "gen3d_cpu.yaml"
     cfg = load_config("gen3d.yaml", args.config, args.overrides, base=profile, **flags)
@@ -343,8 +389,13 @@ def export_main(argv=None) -> None:
         raise UserError(f"{target} holds no gen3d checkpoint (checkpoints/step-*.pt)")
     for checkpoint in checkpoints:
         scene, cfg = load_scene(checkpoint)
-        options = {"resolution": args.resolution, "threshold": args.threshold, "formats": args.format,
-                   "texture": args.texture, "face_budget": args.face_budget}
+        options = {
+            "resolution": args.resolution,
+            "threshold": args.threshold,
+            "formats": args.format,
+            "texture": args.texture,
+            "face_budget": args.face_budget,
+        }
         cfg.export = OmegaConf.merge(cfg.export, {k: v for k, v in options.items() if v is not None})
         for path in export(scene, cfg, checkpoint.parent.parent):
             print(f"wrote {path}")

@@ -147,11 +147,14 @@ def write_sample_grid(backbone, learner, cfg, resolution: int, path: Path) -> No
     with torch.no_grad():
         hidden, _ = learner()
     seed = cfg.sample.seed
-    embeddings = Gaussian.from_hidden(hidden.float()).sample(cfg.sample.n, generator=torch.Generator().manual_seed(seed))
+    embeddings = Gaussian.from_hidden(hidden.float()).sample(
+        cfg.sample.n, generator=torch.Generator().manual_seed(seed)
+    )
     generators = [torch.Generator().manual_seed(seed + 1 + index) for index in range(cfg.sample.n)]
     empty = backbone.encode_text([""])
-    images = generate(make_pipeline(backbone), embeddings, empty, cfg.sample.steps, cfg.sample.guidance, generators,
-                      resolution)
+    images = generate(
+        make_pipeline(backbone), embeddings, empty, cfg.sample.steps, cfg.sample.guidance, generators, resolution
+    )
     atomic_write(path, lambda tmp: image_grid(images).save(tmp, format="PNG"))
 
 
@@ -188,16 +191,20 @@ def train(cfg: DictConfig) -> Path:
 
     log = open(out / "train.log", "a") if main else None
     if log:
-        log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} steps {start}->{cfg.steps} on {accelerator.device}, "
-                  f"precision {precision}, {len(latents)} views, model {backbone.model_id} ({backbone.prediction_type})\n")
+        log.write(
+            f"# {time.strftime('%Y-%m-%d %H:%M:%S')} steps {start}->{cfg.steps} on {accelerator.device}, "
+            f"precision {precision}, {len(latents)} views, model {backbone.model_id} ({backbone.prediction_type})\n"
+        )
     progress = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not main, desc="learn")
     for step in progress:
         generator = step_generator(cfg.seed, step, accelerator.process_index)
         with accelerator.autocast():
             loss, denoise, ortho = training_losses(learner, backbone, latents, cfg.train, generator)
         if not torch.isfinite(loss):
-            raise UserError(f"the loss became {loss.item()} at step {step + 1}; lower train.lr or use "
-                            "train.mixed_precision=no (the last checkpoint is kept)")
+            raise UserError(
+                f"the loss became {loss.item()} at step {step + 1}; lower train.lr or use "
+                "train.mixed_precision=no (the last checkpoint is kept)"
+            )
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(learner.parameters(), cfg.train.grad_clip)
         optimizer.step()

@@ -26,7 +26,8 @@ class SoftPromptEncoder:
         used = 2 + len(prefix_ids) + n_ctx + len(suffix_ids)
         if used > length:
             raise UserError(
-                f"template '{prefix} [ctx x {n_ctx}] {suffix}' needs {used} tokens, more than the text encoder's {length}"
+                f"template '{prefix} [ctx x {n_ctx}] {suffix}' needs {used} tokens, "
+                f"more than the text encoder's {length}"
             )
         placeholder = tokenizer.pad_token_id
         ids = [tokenizer.bos_token_id, *prefix_ids, *([placeholder] * n_ctx), *suffix_ids, tokenizer.eos_token_id]

@@ -34,7 +34,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dd3d.cli import UserError, add_config_arguments, load_config
-from dd3d.distribution import Gaussian, Mixture, PromptDistribution, blend, import_reference_checkpoint, normalised_weights
+from dd3d.distribution import (
+    Gaussian,
+    Mixture,
+    PromptDistribution,
+    blend,
+    import_reference_checkpoint,
+    normalised_weights,
+)
 from dd3d.files import atomic_write
 
 SCHEDULERS = {
@@ -277,11 +284,24 @@ def main(argv=None) -> None:
         print(f"wrote {path}")
         return
     flags = {
-        "dists": args.dist, "weights": args.weights, "mix": args.mix, "std_scale": args.std_scale,
-        "prefix": args.prefix, "suffix": args.suffix, "negative_prompt": args.negative_prompt, "n": args.n,
-        "batch_size": args.batch_size, "seed": args.seed, "fixed_noise": args.fixed_noise, "steps": args.steps,
-        "guidance": args.guidance, "scheduler": args.scheduler, "class_index": args.class_index,
-        "model": args.model, "out": args.out, "describe": args.describe,
+        "dists": args.dist,
+        "weights": args.weights,
+        "mix": args.mix,
+        "std_scale": args.std_scale,
+        "prefix": args.prefix,
+        "suffix": args.suffix,
+        "negative_prompt": args.negative_prompt,
+        "n": args.n,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "fixed_noise": args.fixed_noise,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "scheduler": args.scheduler,
+        "class_index": args.class_index,
+        "model": args.model,
+        "out": args.out,
+        "describe": args.describe,
     }
     cfg = load_config("sample2d.yaml", args.config, args.overrides, **flags)
     if not cfg.dists:
