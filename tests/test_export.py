@@ -5,6 +5,7 @@ import math
 import struct
 
 import numpy as np
+import pygltflib
 import pytest
 import torch
 import trimesh
@@ -199,6 +200,13 @@ def test_vertex_coloured_obj_and_glb_round_trip(tmp_path):
     linear = np.round(export._srgb_to_linear(srgb / 255) * 255)
     assert np.abs(arrays["COLOR_0"][:, :3].astype(int) - linear).max() <= 1  # glTF vertex colours are linear
     assert tree["accessors"][tree["meshes"][0]["primitives"][0]["attributes"]["COLOR_0"]]["normalized"] is True
+
+    gltf = pygltflib.GLTF2().load(str(tmp_path / "ball.glb"))  # an independent reader agrees
+    primitive = gltf.meshes[0].primitives[0]
+    assert gltf.accessors[primitive.attributes.POSITION].count == len(mesh.vertices)
+    assert gltf.accessors[primitive.indices].count == 3 * len(mesh.faces)
+    material = gltf.materials[primitive.material].pbrMetallicRoughness
+    assert (material.metallicFactor, material.roughnessFactor) == (0, 1)
 
 
 def test_files_are_y_up_front_z_centred_and_one_metre():
