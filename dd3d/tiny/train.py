@@ -60,7 +60,7 @@ class Recipe:
     vae_colour_weight: float = 3.0
     vae_initial_logvar: float = -8.0
     # text encoder + UNet
-    unet_steps: int = 3000
+    unet_steps: int = 2500
     unet_batch: int = 64
     unet_lr: float = 5e-4
     text_lr: float = 5e-4

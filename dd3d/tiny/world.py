@@ -44,6 +44,8 @@ VIEWS = ("front", "side", "back", "overhead")
 SIZE_RANGE = (0.75, 1.25)  # uniform scale; an object's bounding radius is KIND_RADIUS * scale, at most ~0.94
 DARK, LIGHT = (0.14, 0.14, 0.16), (0.93, 0.93, 0.90)
 BACKGROUND = (0.95, 0.95, 0.95)
+KEY_LIGHT = (0.8, 0.3, 0.75)  # direction towards the key light: in front (+X), a little right (+Y), above
+AMBIENT, KEY, FILL = 0.4, 0.55, 0.12
 OVERHEAD_SHARE = 0.125
 OVERHEAD_ELEVATION = (62.0, 90.0)
 PRIMARY, DARK_ID, LIGHT_ID, SHADED_ID = 0, 1, 2, 3  # material ids; SHADED = the body colour, darker
@@ -461,9 +463,9 @@ def _render_chunk(scenes: Scenes, index: torch.Tensor, size: int, steps: int, de
     closest = (origins + along[:, None] * directions).norm(dim=-1)
     half = (radius**2 - torch.minimum(closest, radius) ** 2).sqrt()
     t_start, t_end = (along - half).clamp(min=0), torch.where(closest < radius, along + half, along - half)
-    # Lights follow the camera: a key light from above-left of it, so every view is lit alike.
-    c2w = cams.c2w[:, :3, :3]
-    key = F.normalize(c2w[:, :, 2] * 0.8 + c2w[:, :, 1] * 0.6 - c2w[:, :, 0] * 0.35, dim=-1)
+    # The key light is fixed in the world, in front of the object and above it: front views are brightly lit, back
+    # views see the shaded side -- a cue to the view that survives blur. A weak fill light follows the camera.
+    key = F.normalize(torch.tensor(KEY_LIGHT, device=device), dim=0)
     kinds = scenes.kind[index].to(device)
     for kind_index in kinds.unique().tolist():
         rays = torch.nonzero(kinds[owner] == kind_index).squeeze(1)
@@ -474,7 +476,7 @@ def _render_chunk(scenes: Scenes, index: torch.Tensor, size: int, steps: int, de
         points = origins[rays] + t[:, None] * directions[rays]
         _, material = object_sdf(kind, points, ray_scale)
         normal = _normals(kind, points, ray_scale)
-        light = key[owner[rays]]
+        light = key.expand(len(rays), 3)
         view_dir = -directions[rays]
         diffuse = (normal * light).sum(-1).clamp(min=0)
         fill = (normal * view_dir).sum(-1).clamp(min=0)
@@ -485,7 +487,7 @@ def _render_chunk(scenes: Scenes, index: torch.Tensor, size: int, steps: int, de
              torch.tensor(LIGHT, device=device).expand(len(rays), 3), rgb[owner[rays]] * SHADED_GAIN], dim=1,
         )
         albedo = palette[torch.arange(len(rays)), material]
-        shade = 0.32 + 0.5 * diffuse + 0.2 * fill
+        shade = AMBIENT + KEY * diffuse + FILL * fill
         colour[rays] = (albedo * shade[:, None] + 0.18 * specular[:, None]).clamp(0, 1)
         covered[rays] = 1.0
         is_body[rays] = ((material == PRIMARY) | (material == SHADED_ID)).float()
