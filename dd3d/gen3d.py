@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -149,7 +148,7 @@ def write_turntable(scene: Scene, cfg: DictConfig, folder: Path) -> Path:
     cameras = orbit_cameras(video.frames, video.elevation, video.distance, video.fovy).to(_device(scene))
     frames = []
     for start in range(0, video.frames, 8):
-        part = cameras_slice(cameras, start, start + 8)
+        part = cameras[start : start + 8]
         frames += render_views(scene, part, video.size, "lambertian", part.positions * 1.5)
     try:
         path = folder / "turntable.mp4"
@@ -167,18 +166,6 @@ def write_turntable(scene: Scene, cfg: DictConfig, folder: Path) -> Path:
             ),
         )
     return path
-
-
-def cameras_slice(cameras, start: int, end: int):
-    return replace(
-        cameras,
-        c2w=cameras.c2w[start:end],
-        fovy_deg=cameras.fovy_deg[start:end],
-        elevation_deg=cameras.elevation_deg[start:end],
-        azimuth_deg=cameras.azimuth_deg[start:end],
-        distance=cameras.distance[start:end],
-        views=cameras.views[start:end],
-    )
 
 
 def _device(scene: Scene) -> torch.device:

@@ -26,6 +26,12 @@ class CameraBatch:
     def __len__(self) -> int:
         return self.c2w.shape[0]
 
+    def __getitem__(self, index: slice) -> "CameraBatch":
+        return CameraBatch(
+            self.c2w[index], self.fovy_deg[index], self.elevation_deg[index], self.azimuth_deg[index],
+            self.distance[index], self.views[index],
+        )
+
     @property
     def positions(self) -> torch.Tensor:
         return self.c2w[:, :3, 3]
