@@ -590,6 +590,11 @@ CLIP vocabulary, but only the caption words were trained; the rest keep their ra
 
 REFS_DIR = Path(__file__).resolve().parents[2] / "examples" / "refs"
 REFERENCE_SETS = {
+    "warm-houses": dict(
+        count=16, seed=100, kinds=["house"], colours=["red", "orange", "yellow"], scale_range=(0.75, 1.25),
+        overhead_share=0.0, camera=dict(),
+        about="houses in warm colours at random sizes, from any side",
+    ),
     "cool-mugs": dict(
         count=16, seed=101, kinds=["mug"], colours=["blue", "cyan", "purple"], scale_range=(0.75, 1.25),
         overhead_share=0.0, camera=dict(azimuth_range=(-90.0, 90.0)),
@@ -646,7 +651,7 @@ Drawn with seed {spec['seed']} from:
   {list(camera['azimuth_range'])} deg, distance {list(camera['distance_range'])}, fovy
   {list(camera['fovy_range'])} deg
 
-Re-create with `python scripts/train_tiny_backbone.py --reference-sets` (all bundled sets but warm-houses).
+Re-create with `python scripts/train_tiny_backbone.py --reference-sets`.
 
 | file | kind | colour | scale | view | elevation | azimuth |
 |---|---|---|---|---|---|---|
