@@ -21,7 +21,7 @@ class ViewPrompts:
     def __init__(self, samplers: dict[str, Gaussian | Mixture], uncond: torch.Tensor):
         self.samplers = samplers
         self.uncond = uncond  # (1, 77, d)
-        first = samplers[VIEWS[0]]
+        first = next(iter(samplers.values()))
         self.shape = (first.components[0] if isinstance(first, Mixture) else first).mean.shape
 
     @classmethod

@@ -1,4 +1,5 @@
 """threestudio extension for dd3d: a prompt processor that samples a learned prompt distribution.
 
-Its processor arrives with stage 2 (issue 4); this package is a placeholder so the project layout is stable.
+Importing `threestudio_ext.prompt_processor` (threestudio must be importable) registers
+"dd3d-distribution-prompt-processor"; see that module for the config keys.
 """
