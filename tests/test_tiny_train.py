@@ -14,7 +14,7 @@ TOY_ARCHITECTURE = dict(width=32, image_size=16, unet_channels=(32, 64), unet_at
                         vae_channels=(16, 32), vae_mid_attention=False)
 TOY_VALUES = dict(
     train_images=48, heldout_images=16, resolution=16, oracle_steps=2, oracle_batch=8, vae_steps=2, vae_batch=4,
-    unet_steps=4, unet_batch=4, warmup_steps=1, checkpoint_every=2, eval_images_per_prompt=1, eval_steps=1,
+    unet_steps=2, unet_restart_steps=1, unet_restart_cycles=2, unet_batch=4, warmup_steps=1, checkpoint_every=2, eval_images_per_prompt=1, eval_steps=1,
 )
 TOY = [f"{key}={value}" for key, value in TOY_VALUES.items()] + [
     f"architecture.{key}={list(value) if isinstance(value, tuple) else value}"
@@ -54,12 +54,25 @@ def test_rerun_needs_resume_and_the_same_recipe(toy_run):
         main(["--out", str(out), *TOY, "steps"])
 
 
+def test_unet_schedule_warm_restart():
+    recipe = Recipe(unet_steps=1000, unet_restart_steps=500, unet_restart_cycles=2, unet_restart_lr_factor=0.5,
+                    warmup_steps=100)
+    assert recipe.unet_total_steps == 2000
+    assert recipe.unet_lr_factor(0) == pytest.approx(0.01) and recipe.unet_lr_factor(99) == pytest.approx(1.0)
+    assert recipe.unet_lr_factor(999) == pytest.approx(0.1, abs=1e-4)
+    for cycle_start in (1000, 1500):
+        assert recipe.unet_lr_factor(cycle_start) == pytest.approx(0.5)
+        assert recipe.unet_lr_factor(cycle_start + 250) == pytest.approx(0.3)
+        assert recipe.unet_lr_factor(cycle_start + 499) == pytest.approx(0.1, abs=1e-4)
+    assert Recipe(unet_steps=1000, unet_restart_cycles=0).unet_total_steps == 1000
+
+
 def test_unet_training_resumes_exactly(tmp_path, toy_run):
     """Two steps, a 'kill', two more on resume == four steps in one go."""
     out, _ = toy_run
     data = torch.load(out / "data" / "train.pt")
     latents = torch.load(out / "data" / "latents.pt")["latents"]
-    recipe = Recipe(**{**_toy_recipe(), "unet_steps": 4})
+    recipe = Recipe(**_toy_recipe())  # 2 steps of the first cycle, then two 1-step restarts
 
     def weights(work, stops):
         from dd3d.tiny.build import build_tiny_pipeline
