@@ -142,14 +142,21 @@ def write_validation(scene: Scene, cfg: DictConfig, path: Path) -> None:
 
 
 @torch.no_grad()
+def turntable_frames(scene: Scene, cfg: DictConfig, count: int) -> list[np.ndarray]:
+    """`count` Lambertian renders from evenly spaced azimuths on the video orbit, lit from beside the camera."""
+    video = cfg.video
+    cameras = orbit_cameras(count, video.elevation, video.distance, video.fovy).to(_device(scene))
+    frames = []
+    for start in range(0, count, 8):
+        part = cameras[start : start + 8]
+        frames += render_views(scene, part, video.size, "lambertian", part.positions * 1.5)
+    return frames
+
+
 def write_turntable(scene: Scene, cfg: DictConfig, folder: Path) -> Path:
     """A turntable video (mp4 via imageio-ffmpeg, a gif when ffmpeg is unavailable) of the shaded asset."""
     video = cfg.video
-    cameras = orbit_cameras(video.frames, video.elevation, video.distance, video.fovy).to(_device(scene))
-    frames = []
-    for start in range(0, video.frames, 8):
-        part = cameras[start : start + 8]
-        frames += render_views(scene, part, video.size, "lambertian", part.positions * 1.5)
+    frames = turntable_frames(scene, cfg, video.frames)
     try:
         path = folder / "turntable.mp4"
         atomic_write(

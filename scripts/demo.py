@@ -41,8 +41,7 @@ def oracle_report(dist_run: Path, asset: Path) -> None:
     import torch
     from PIL import Image
 
-    from dd3d.gen3d import load_scene, render_views
-    from dd3d.nerf import orbit_cameras
+    from dd3d.gen3d import load_scene, turntable_frames
     from dd3d.tiny.oracle import Oracle
 
     oracle = Oracle.load()
@@ -52,8 +51,7 @@ def oracle_report(dist_run: Path, asset: Path) -> None:
     print(f"oracle, 2D samples: {summary(oracle.classify(samples))}")
     checkpoint = sorted((ROOT / asset / "checkpoints").glob("step-*.pt"))[-1]
     scene, cfg = load_scene(checkpoint)
-    cameras = orbit_cameras(8, cfg.video.elevation, cfg.video.distance, cfg.video.fovy)
-    views = torch.from_numpy(np.stack(render_views(scene, cameras, 64, "albedo"))).permute(0, 3, 1, 2)
+    views = torch.from_numpy(np.stack(turntable_frames(scene, cfg, 8))).permute(0, 3, 1, 2)
     kinds = oracle.classify(views)["kind"]
     wanted = Counter(oracle.classify(refs)["kind"]).most_common(1)[0][0]
     print(
