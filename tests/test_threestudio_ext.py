@@ -108,7 +108,8 @@ def test_every_call_draws_new_prompts_per_direction(processor_class, tiny_model,
     assert torch.allclose(cond_uncond[2:], empty.expand(2, -1, -1), atol=1e-6)
 
 
-def test_zero_spread_gives_each_directions_template_mean(processor_class, tiny_model, backbone, dist_file):  # noqa: F811
+def test_zero_spread_gives_each_directions_template_mean(processor_class, tiny_model, backbone,
+                                                        dist_file):  # noqa: F811
     processor = processor_class({"pretrained_model_name_or_path": str(tiny_model), "dists": [str(dist_file)],
                                  "std_scale": [0.0]})
     output = processor()

@@ -14,7 +14,8 @@ TOY_ARCHITECTURE = dict(width=32, image_size=16, unet_channels=(32, 64), unet_at
                         vae_channels=(16, 32), vae_mid_attention=False)
 TOY_VALUES = dict(
     train_images=48, heldout_images=16, resolution=16, oracle_steps=2, oracle_batch=8, vae_steps=2, vae_batch=4,
-    unet_steps=2, unet_restart_steps=1, unet_restart_cycles=2, unet_batch=4, warmup_steps=1, checkpoint_every=2, eval_images_per_prompt=1, eval_steps=1,
+    unet_steps=2, unet_restart_steps=1, unet_restart_cycles=2, unet_batch=4, warmup_steps=1, checkpoint_every=2,
+    eval_images_per_prompt=1, eval_steps=1,
 )
 TOY = [f"{key}={value}" for key, value in TOY_VALUES.items()] + [
     f"architecture.{key}={list(value) if isinstance(value, tuple) else value}"

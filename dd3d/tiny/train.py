@@ -574,7 +574,8 @@ atomic checkpoints.
 3. Text encoder and UNet jointly on the cached latents: {recipe['unet_steps']} AdamW steps of batch
    {recipe['unet_batch']}, LR {recipe['unet_lr']} (text encoder {recipe['text_lr']}), warm-up
    {recipe['warmup_steps']}, cosine to 10%, then {recipe['unet_restart_cycles']} warm restarts of
-   {recipe['unet_restart_steps']} steps each (cosine from {recipe['unet_restart_lr_factor']:.0%} to 10%), weight decay {recipe['weight_decay']}, grad clip
+   {recipe['unet_restart_steps']} steps each (cosine from {recipe['unet_restart_lr_factor']:.0%} to 10%), weight
+   decay {recipe['weight_decay']}, grad clip
    {recipe['grad_clip']}, min-SNR-{recipe['min_snr_gamma']:g} weighting, EMA {recipe['ema_decay']} (the
    exported weights).
 
