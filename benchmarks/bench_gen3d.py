@@ -1,6 +1,6 @@
 """Stage-2 iteration time split into render, VAE encode, UNet (CFG), backward and optimiser step.
 
-CPU: the tiny backbone with configs/gen3d_cpu.yaml. GPU: a Stable-Diffusion-2.1-base-shaped model with random
+CPU: the embedded default model with configs/gen3d_cpu.yaml. GPU: a Stable-Diffusion-2.1-base-shaped model with random
 weights in fp16 (UNet, VAE) and the fp32 render at 64x64 with configs/gen3d.yaml. Also prints the UNet-only floor
 (UNet CFG forward + VAE encode forward/backward, timed in the same run) and the iteration time over that floor.
 Run: python benchmarks/bench_gen3d.py [--iterations 20]
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +23,6 @@ from dd3d.backbone import Backbone  # noqa: E402
 from dd3d.cli import CONFIG_DIR, load_config  # noqa: E402
 from dd3d.gen3d import Scene, sample_training_cameras  # noqa: E402
 from dd3d.sds import ScoreDistillation, sds_gradient, sds_loss  # noqa: E402
-from dd3d.tiny.build import save_tiny_model  # noqa: E402
 
 
 class Timer:
@@ -96,11 +94,10 @@ def main() -> None:
         label = f"SD-2.1-base shape fp16, {torch.cuda.get_device_name()}"
         timings = run(backbone, cfg, args.iterations)
     else:
-        with tempfile.TemporaryDirectory() as folder:
-            backbone = Backbone.load(save_tiny_model(Path(folder) / "tiny"))
-            cfg = load_config("gen3d.yaml", None, [], base=CONFIG_DIR / "gen3d_cpu.yaml")
-            label = f"tiny backbone, cpu ({torch.get_num_threads()} threads)"
-            timings = run(backbone, cfg, args.iterations)
+        backbone = Backbone.load(None)
+        cfg = load_config("gen3d.yaml", None, [], base=CONFIG_DIR / "gen3d_cpu.yaml")
+        label = f"embedded default model, cpu ({torch.get_num_threads()} threads)"
+        timings = run(backbone, cfg, args.iterations)
     floor = timings.pop("floor")
     total = sum(timings.values())
     print(f"# {label}, render {cfg.camera.width}x{cfg.camera.height}, {args.iterations} iterations")
