@@ -1,7 +1,7 @@
 """Stage-2 iteration time split into render, VAE encode, UNet (CFG), backward and optimiser step.
 
-CPU: the embedded default model with configs/gen3d_cpu.yaml. GPU: a Stable-Diffusion-2.1-base-shaped model with random
-weights in fp16 (UNet, VAE) and the fp32 render at 64x64 with configs/gen3d.yaml. Also prints the UNet-only floor
+CPU: the embedded default model with configs/gen3d_cpu.yaml. GPU: a Stable-Diffusion-2.1-base-shaped model with
+random weights in fp16 (UNet, VAE) and the fp32 render at 64x64 with configs/gen3d.yaml. Also prints the UNet-only floor
 (UNet CFG forward + VAE encode forward/backward, timed in the same run) and the iteration time over that floor.
 Run: python benchmarks/bench_gen3d.py [--iterations 20]
 """

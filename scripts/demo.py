@@ -47,13 +47,14 @@ def oracle_report(dist_run: Path, asset: Path) -> None:
     oracle = Oracle.load()
     refs = [Image.open(path) for path in sorted((ROOT / REFS).glob("*.png"))]
     samples = [Image.open(path) for path in sorted((ROOT / dist_run / "2d").glob("0*.png"))]
-    print(f"\noracle, references: {summary(oracle.classify(refs))}")
+    ref_labels = oracle.classify(refs)
+    print(f"\noracle, references: {summary(ref_labels)}")
     print(f"oracle, 2D samples: {summary(oracle.classify(samples))}")
     checkpoint = sorted((ROOT / asset / "checkpoints").glob("step-*.pt"))[-1]
     scene, cfg = load_scene(checkpoint)
     views = torch.from_numpy(np.stack(turntable_frames(scene, cfg, 8))).permute(0, 3, 1, 2)
     kinds = oracle.classify(views)["kind"]
-    wanted = Counter(oracle.classify(refs)["kind"]).most_common(1)[0][0]
+    wanted = Counter(ref_labels["kind"]).most_common(1)[0][0]
     print(
         f"oracle, 8 turntable views of the asset: {summary({'kind': kinds})} -> "
         f"'{wanted}' in {kinds.count(wanted)}/8 views"

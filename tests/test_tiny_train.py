@@ -45,6 +45,14 @@ def test_end_to_end_writes_a_loadable_model(toy_run):
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / "unet.ckpt").is_file()
 
 
+def test_model_card_is_regenerated_from_metrics(toy_run):
+    _, model = toy_run
+    card = (model / "README.md").read_text()
+    (model / "README.md").unlink()
+    main(["--model-card", "--model-dir", str(model)])
+    assert (model / "README.md").read_text() == card
+
+
 def test_rerun_needs_resume_and_the_same_recipe(toy_run):
     out, model = toy_run
     with pytest.raises(UserError, match="already holds a run"):

@@ -488,14 +488,10 @@ def measure_quality(pipeline: StableDiffusionPipeline, oracle: oracle_lib.Oracle
 # --- the model card --------------------------------------------------------------------------------------------------
 
 
-def rewrite_model_card(model_dir: Path = MODEL_DIR, timing_note: str | None = None) -> None:
-    """Regenerate README.md from the folder's metrics.json (optionally with a note on how the time was taken)."""
+def rewrite_model_card(model_dir: Path = MODEL_DIR) -> None:
+    """Regenerate README.md from the folder's metrics.json (its optional "timing_note" says how times were taken)."""
     model_dir = Path(model_dir)
-    metrics = json.loads((model_dir / "metrics.json").read_text())
-    if timing_note is not None:
-        metrics["timing_note"] = timing_note
-        atomic_write(model_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
-    write_model_card(model_dir / "README.md", metrics)
+    write_model_card(model_dir / "README.md", json.loads((model_dir / "metrics.json").read_text()))
 
 
 def _minutes(seconds: float) -> str:
@@ -720,8 +716,14 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--reference-sets", action="store_true",
                         help=f"only (re)write the bundled reference sets under {REFS_DIR} and exit")
+    parser.add_argument("--model-card", action="store_true",
+                        help="only regenerate README.md of --model-dir from its metrics.json and exit")
     add_config_arguments(parser)
     args = parser.parse_intermixed_args(argv)
+    if args.model_card:
+        rewrite_model_card(args.model_dir)
+        print(f"wrote {args.model_dir / 'README.md'}")
+        return
     if args.reference_sets:
         for name in REFERENCE_SETS:
             rows = write_reference_set(REFS_DIR / name, name)
