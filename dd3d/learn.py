@@ -119,7 +119,10 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
-def resolve_precision(choice: str) -> str:
+def resolve_precision(choice: str | bool) -> str:
+    """accelerate's mixed-precision name for the config value (YAML reads a bare `no` as false)."""
+    if choice is False:
+        return "no"
     if choice == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     if choice not in PRECISION_DTYPES:
@@ -165,7 +168,8 @@ def train(cfg: DictConfig) -> Path:
     accelerator = Accelerator(mixed_precision=precision)
     main = accelerator.is_main_process
     # Check the inputs before anything is written, so a bad folder or model leaves no half-made run behind.
-    backbone = Backbone.load(cfg.model, device=accelerator.device, dtype=PRECISION_DTYPES[precision])
+    dtype = PRECISION_DTYPES[precision]
+    backbone = Backbone.load(cfg.model, device=accelerator.device, dtype=dtype, vae_dtype=dtype)
     resolution = cfg.resolution or backbone.resolution
     check_resolution(backbone, resolution)
     images, _ = load_reference_images(Path(cfg.images), min_side=resolution)
