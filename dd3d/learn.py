@@ -189,6 +189,8 @@ def train(cfg: DictConfig) -> Path:
         with torch.no_grad():
             learner.ctx.copy_(state["ctx"])
         optimizer.load_state_dict(state["optimizer"])
+        if accelerator.scaler is not None and "scaler" in state:  # fp16: the loss scale continues too
+            accelerator.scaler.load_state_dict(state["scaler"])
         start = state["step"]
     learner, optimizer = accelerator.prepare(learner, optimizer)
     plain_learner = accelerator.unwrap_model(learner)
@@ -204,10 +206,11 @@ def train(cfg: DictConfig) -> Path:
         generator = step_generator(cfg.seed, step, accelerator.process_index)
         with accelerator.autocast():
             loss, denoise, ortho = training_losses(learner, backbone, latents, cfg.train, generator)
-        if not torch.isfinite(loss):
+        # Every process stops together: one raising alone would leave the others waiting in the gradient all-reduce.
+        if not accelerator.gather(torch.isfinite(loss.detach()).float().view(1)).all():
             raise UserError(
-                f"the loss became {loss.item()} at step {step + 1}; lower train.lr or use "
-                "train.mixed_precision=no (the last checkpoint is kept)"
+                f"the loss became non-finite ({loss.item()} on this process) at step {step + 1}; lower train.lr "
+                "or use train.mixed_precision=no (the last checkpoint is kept)"
             )
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(learner.parameters(), cfg.train.grad_clip)
@@ -220,7 +223,10 @@ def train(cfg: DictConfig) -> Path:
             log.write(f"step {done} loss {loss.item():.6f} denoise {denoise.item():.6f} ortho {ortho.item():.6f}\n")
             log.flush()
         if main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            checkpoints.save(done, {"ctx": plain_learner.ctx.detach().cpu(), "optimizer": optimizer.state_dict()})
+            snapshot = {"ctx": plain_learner.ctx.detach().cpu(), "optimizer": optimizer.state_dict()}
+            if accelerator.scaler is not None:
+                snapshot["scaler"] = accelerator.scaler.state_dict()
+            checkpoints.save(done, snapshot)
         if main and cfg.sample.every and (done % cfg.sample.every == 0 or done == cfg.steps):
             write_sample_grid(backbone, plain_learner, cfg, resolution, out / "samples" / f"step-{done:06d}.png")
     progress.close()

@@ -52,6 +52,7 @@ SCHEDULERS = {
     "pndm": PNDMScheduler,
     "ddpm": DDPMScheduler,
 }
+MODEL_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROMPT_STREAM, LATENT_STREAM = 0, 1
 
 
@@ -176,15 +177,24 @@ def prompt_noise(cfg: DictConfig, index: int, shape: torch.Size) -> tuple[torch.
 
 
 def open_backbone(cfg: DictConfig):
-    """The model named in the config, else the one recorded in the first distribution file (fp16 on CUDA)."""
+    """The model named in the config, else the one recorded in the first distribution file, in cfg.dtype."""
     from dd3d.backbone import Backbone
 
     model = cfg.model
     if model is None and cfg.dists and Path(cfg.dists[0]).suffix != ".pt":
         model = PromptDistribution.load(Path(cfg.dists[0])).model_id
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    dtype = model_dtype(cfg.dtype, device)
     return Backbone.load(model, device=device, dtype=dtype, vae_dtype=dtype)
+
+
+def model_dtype(choice: str, device: str) -> torch.dtype:
+    """The frozen model's weights: `auto` is fp16 on CUDA and fp32 on CPU; fp32, fp16 and bf16 work anywhere."""
+    if choice == "auto":
+        return torch.float16 if device == "cuda" else torch.float32
+    if choice not in MODEL_DTYPES:
+        raise UserError(f"dtype must be auto, fp32, fp16 or bf16, not '{choice}'")
+    return MODEL_DTYPES[choice]
 
 
 def render_indices(cfg: DictConfig, backbone, sampler, indices: list[int], progress: bool = False):

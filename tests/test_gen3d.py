@@ -91,12 +91,26 @@ def test_plain_prompt_and_several_assets(tiny_model, tmp_path, capsys):
     assert (tmp_path / "two" / "sample-1" / "config.yaml").is_file()
 
 
+def test_fp16_model_trains_the_fp32_scene_on_cpu(tiny_model, dist_file, tmp_path, capsys):
+    """The GPU setting (fp16 UNet and VAE, fp32 field and render) runs end to end on CPU."""
+    args = ["--dist", dist_file, "--model", tiny_model, "--out", tmp_path / "half", *SMALL, "dtype=fp16",
+            "export.formats=[]"]
+    code, err = cli(main, args, capsys)
+    assert code == 0, err
+    start = torch.load(tmp_path / "half" / "checkpoints" / "step-000002.pt")["scene"]
+    scene = torch.load(tmp_path / "half" / "checkpoints" / "step-000004.pt")["scene"]
+    floats = [k for k, v in scene.items() if v.is_floating_point()]
+    assert all(scene[k].dtype == torch.float32 and scene[k].isfinite().all() for k in floats)
+    assert any(not torch.equal(start[k], scene[k]) for k in floats)  # the field kept learning
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         ([], "either --dist"),
         (["camera.elevation_range=[50,10]"], "impossible camera ranges"),
         (["camera.distance_range=[0.5,0.8]"], "impossible camera ranges"),
+        (["dtype=fp8"], "dtype must be auto, fp32, fp16 or bf16"),
     ],
 )
 def test_bad_input(args, message, tiny_model, tmp_path, capsys):

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from dd3d.backbone import Backbone
 from dd3d.cli import UserError
 from dd3d.sds import ScoreDistillation, sds_gradient, sds_loss
 
@@ -52,3 +53,19 @@ def test_guidance_on_renders_reaches_the_image_and_anneals(backbone):
     assert rgb.grad is not None and rgb.grad.abs().sum() > 0 and 20 <= info["t"] <= 980
     with pytest.raises(UserError):
         ScoreDistillation(backbone, min_step_percent=0.9, max_step_percent=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model_guides_the_fp32_render_like_fp32(tiny_model, backbone, dtype):
+    """The GPU setting (UNet and VAE in fp16, render in fp32), run on CPU: fp32 gradients close to the fp32 model's."""
+    half = Backbone.load(tiny_model, dtype=dtype, vae_dtype=dtype)
+    cond, uncond = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1)), torch.zeros(2, 77, 32)
+    pixels = torch.rand(2, 12, 12, 3, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for model in (backbone, half):
+        rgb = pixels.clone().requires_grad_(True)
+        loss, _ = ScoreDistillation(model)(rgb, cond, uncond, 0, torch.Generator().manual_seed(0))
+        loss.backward()
+        assert loss.dtype == torch.float32 and rgb.grad.dtype == torch.float32 and rgb.grad.isfinite().all()
+        grads.append(rgb.grad.flatten())
+    assert torch.cosine_similarity(*grads, dim=0) > 0.95

@@ -114,3 +114,22 @@ def test_bf16_mixed_precision_trains_like_fp32(tiny_model, refs, tmp_path, capsy
     assert bf16.dtype == torch.float32
     similarity = torch.cosine_similarity((fp32 - start).flatten(), (bf16 - start).flatten(), dim=0)
     assert similarity > 0.9 and not torch.equal(fp32, bf16), similarity
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_checkpoint(tiny_model, refs, tmp_path, capsys, monkeypatch):
+    from dd3d import learn
+
+    original = learn.training_losses
+    calls = []
+
+    def poisoned(*args):
+        calls.append(1)
+        loss, denoise, ortho = original(*args)
+        return (loss * float("nan") if len(calls) == 3 else loss), denoise, ortho
+
+    monkeypatch.setattr(learn, "training_losses", poisoned)
+    args = ["--images", refs, "--model", tiny_model, "--out", tmp_path / "run", "steps=4", "checkpoint_every=2", *FAST]
+    code, err = cli(args, capsys)
+    assert code == 2 and "loss became non-finite (nan" in err and "at step 3" in err and "Traceback" not in err
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000002.pt"]
+    assert not (tmp_path / "run" / "distribution.safetensors").exists()

@@ -127,7 +127,8 @@ class HashGridEncoding(nn.Module):
             )
         import tinycudann
 
-        module = tinycudann.Encoding(3, self.tcnn_config())
+        # fp32 parameters and gradients: tcnn's default (fp16 on recent GPUs) lets small SDS gradients underflow.
+        module = tinycudann.Encoding(3, self.tcnn_config(), dtype=torch.float32)
         if module.params.numel() != self.params.numel():
             raise RuntimeError(f"tinycudann holds {module.params.numel()} parameters, expected {self.params.numel()}")
         return module
