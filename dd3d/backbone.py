@@ -71,16 +71,16 @@ class Backbone:
         try:
             tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
             text_encoder = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder")
-            unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet")
-            vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae")
+            unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=vae_dtype)
             scheduler = DDPMScheduler.from_pretrained(model_id, subfolder="scheduler")
         except Exception as err:  # hub, file and config errors all mean "this model cannot be loaded"
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"cannot load model '{source}': {reason}") from None
-        fingerprint = text_encoder_fingerprint(text_encoder)
+        fingerprint = text_encoder_fingerprint(text_encoder)  # of the stored weights, whatever dtype runs them
         text_encoder.to(device, dtype)
-        unet.to(device, dtype)
-        vae.to(device, vae_dtype)
+        unet.to(device)
+        vae.to(device)
         return cls(tokenizer, text_encoder, unet, vae, scheduler, str(source or DEFAULT_MODEL_ID), fingerprint)
 
     # --- facts about the model -------------------------------------------------------------------------------
