@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dd3d.cli import UserError, add_config_arguments, load_config
+from dd3d.cli import CONFIG_DIR, UserError, add_config_arguments, load_config
 from dd3d.distribution import (
     Gaussian,
     Mixture,
@@ -239,7 +239,8 @@ def sample(cfg: DictConfig) -> Path:
 def regenerate(manifest_path: Path, index: int, backbone=None) -> Image.Image:
     """Image `index` of a sample2d run, made again from its manifest alone."""
     manifest = json.loads(Path(manifest_path).read_text())
-    cfg = OmegaConf.create(manifest["settings"])
+    # The defaults fill settings that manifests of older versions lack.
+    cfg = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "sample2d.yaml"), manifest["settings"])
     if not 0 <= index < cfg.n:
         raise UserError(f"index {index} is outside this run's {cfg.n} images")
     backbone = backbone or open_backbone(cfg)

@@ -91,6 +91,10 @@ def test_fixed_noise_reproduces_images_and_manifest_regenerates(backbone, dist_f
     again = np.asarray(regenerate(first / "manifest.json", 2, backbone), dtype=np.int16)
     original = np.asarray(Image.open(first / "0002.png"), dtype=np.int16)
     assert np.abs(again - original).max() <= 1
+    del manifest["settings"]["dtype"]  # a manifest written before the setting existed
+    (tmp_path / "old.json").write_text(json.dumps(manifest))
+    again = np.asarray(regenerate(tmp_path / "old.json", 2), dtype=np.int16)  # opens the model itself
+    assert np.abs(again - original).max() <= 1
 
 
 def test_reference_import_matches_the_reference_encoding(backbone, tmp_path):
