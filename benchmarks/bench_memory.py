@@ -2,11 +2,12 @@
 measured without a GPU.
 
 A dispatch-mode tracker adds up the bytes of every tensor storage created during the step while it is alive, in
-the order a GPU would run the step. The frozen model runs as fake tensors (shapes and dtypes only), so a 1.3 B
-parameter model costs nothing here; the NeRF render of stage 2 runs for real on CPU (its sample count depends on
-the field). Weights, the learnable state and Adam's moments are added as resident memory. Not counted: the CUDA
-context (about 0.5 GB), the caching allocator's rounding and fragmentation, cuBLAS/cuDNN workspaces. CPU autocast
-stands in for CUDA autocast (the same ops run in bf16 for convolutions and matrix products).
+the order a GPU would run the step. The frozen model lives on the meta device (shapes and dtypes only), so a 1.3 B
+parameter model costs nothing here, and its attention is counted as the fused kernel a GPU runs; the NeRF render
+of stage 2 runs for real on CPU (its sample count depends on the field). Weights, the learnable state and Adam's
+moments are added as resident memory. Not counted: the CUDA context (about 0.5 GB), the caching allocator's
+rounding and fragmentation, cuBLAS/cuDNN workspaces, and autocast's fp32 outputs (stage 1's activations are
+counted in the frozen model's dtype).
 Run: python benchmarks/bench_memory.py [--stage 1|2|both]
 """
 
