@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from dd3d.distribution import PromptDistribution
-from dd3d.learn import main
+from dd3d.learn import PromptLearner, main
+from dd3d.prompts import SoftPromptEncoder
 from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +96,7 @@ def test_bad_input_one_line_exit_2_nothing_written(case, message, tiny_model, tm
     assert not out.exists()
 
 
-def test_bf16_mixed_precision_trains_like_fp32(tiny_model, refs, tmp_path, capsys):
+def test_bf16_mixed_precision_trains_like_fp32(tiny_model, backbone, refs, tmp_path, capsys):
     """The GPU default (frozen model in bf16 under autocast, ctx in fp32) runs on CPU too and learns the same way."""
     common = ["--images", refs, "--model", tiny_model, "steps=2", *FAST, "sample.every=2", "sample.n=2",
               "sample.steps=2"]  # the later sample.every wins
@@ -109,7 +110,9 @@ def test_bf16_mixed_precision_trains_like_fp32(tiny_model, refs, tmp_path, capsy
     assert "precision bf16" in (tmp_path / "bf16" / "train.log").read_text()
     assert (tmp_path / "bf16" / "samples" / "step-000002.png").is_file()
     cfg = OmegaConf.load(tmp_path / "bf16" / "config.yaml")
-    start = torch.randn(4, 4, 32, generator=torch.Generator().manual_seed(cfg.seed)) * cfg.prompt.init_std
+    p = cfg.prompt
+    encoder = SoftPromptEncoder(backbone.tokenizer, backbone.text_encoder, p.n_ctx, p.prefix, p.suffix)
+    start = PromptLearner(encoder, p.num_prompts, p.init_std, cfg.seed).ctx.detach()  # both runs' initial ctx
     fp32, bf16 = (load_file(str(tmp_path / p / "distribution.safetensors"))["ctx"] for p in ("no", "bf16"))
     assert bf16.dtype == torch.float32
     similarity = torch.cosine_similarity((fp32 - start).flatten(), (bf16 - start).flatten(), dim=0)
