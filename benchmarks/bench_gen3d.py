@@ -3,7 +3,8 @@
 CPU: the embedded default model with configs/gen3d_cpu.yaml. GPU: a Stable-Diffusion-2.1-base-shaped model with
 random weights in fp16 (UNet, VAE) and the fp32 render at 64x64 with configs/gen3d.yaml. Also prints the UNet-only floor
 (UNet CFG forward + VAE encode forward/backward, timed in the same run) and the iteration time over that floor.
-Run: python benchmarks/bench_gen3d.py [--iterations 20]
+--size toy: the SD-2.1-base layout at small widths with configs/gen3d_cpu.yaml, on any device (a quick check).
+Run: python benchmarks/bench_gen3d.py [--iterations 20] [--size full|toy]
 """
 
 from __future__ import annotations
@@ -84,8 +85,17 @@ def run(backbone: Backbone, cfg, iterations: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--size", choices=["full", "toy"], default="full", help="SD-2.1-base shape or a toy one")
     args = parser.parse_args()
-    if torch.cuda.is_available():
+    if args.size == "toy":
+        from sd_shapes import sd21_base_backbone
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        backbone = sd21_base_backbone(device, torch.float32, "toy")
+        cfg = load_config("gen3d.yaml", None, [], base=CONFIG_DIR / "gen3d_cpu.yaml")
+        label = f"SD-2.1-base layout at toy size, fp32, {device}"
+        timings = run(backbone, cfg, args.iterations)
+    elif torch.cuda.is_available():
         from sd_shapes import sd21_base_backbone
 
         backbone = sd21_base_backbone("cuda", torch.float16)

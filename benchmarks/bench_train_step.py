@@ -2,7 +2,8 @@
 
 CPU: the tiny backbone. GPU: a Stable-Diffusion-2.1-base-shaped model with random weights at 512 px (64x64
 latents), fp32 vs bf16 (frozen weights in bf16 under autocast, ctx in fp32, as `train.mixed_precision=bf16`).
-Run: python benchmarks/bench_train_step.py [--steps 10]
+--size toy runs those rows with the same layout at small widths (64 px), on CPU too: a quick check of the code path.
+Run: python benchmarks/bench_train_step.py [--steps 10] [--size full|toy]
 """
 
 from __future__ import annotations
@@ -55,26 +56,30 @@ def time_steps(backbone: Backbone, latent_size: int, steps: int, autocast_dtype)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--size", choices=["full", "toy"], default="full", help="SD-2.1-base shape or a toy one")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         tiny = Backbone.load(save_tiny_model(Path(folder) / "tiny"))
         rows.append(("tiny backbone, 16 px", "cpu", "fp32", time_steps(tiny, 8, args.steps, None)))
-    if torch.cuda.is_available():
-        from sd_shapes import sd21_base_backbone
+    if torch.cuda.is_available() or args.size == "toy":
+        from sd_shapes import SIZES, sd21_base_backbone
 
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        latent = SIZES[args.size]["unet"][-1]
         for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-            backbone = sd21_base_backbone("cuda", dtype or torch.float32)
+            backbone = sd21_base_backbone(device, dtype or torch.float32, args.size)
             rows.append(
                 (
-                    "SD-2.1-base shape, 512 px",
-                    torch.cuda.get_device_name(),
+                    f"SD-2.1-base shape{' (toy)' if args.size == 'toy' else ''}, {8 * latent} px",
+                    torch.cuda.get_device_name() if device == "cuda" else "cpu",
                     name,
-                    time_steps(backbone, 64, args.steps, dtype),
+                    time_steps(backbone, latent, args.steps, dtype),
                 )
             )
             del backbone
-            torch.cuda.empty_cache()
+            if device == "cuda":
+                torch.cuda.empty_cache()
     print(f"# {platform.node()} torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     print(f"{'model':<28}{'device':<28}{'precision':<11}{'ms/step':>9}")
     for model, device, precision, ms in rows:
