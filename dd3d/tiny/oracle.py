@@ -49,10 +49,16 @@ class Oracle(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per head for pixels (B, 3, H, W) in [-1, 1]."""
+        return self.logits(self.features(pixels))
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The penultimate features (B, 256) that every head reads, for pixels (B, 3, H, W) in [-1, 1]."""
         if pixels.shape[-1] != self.resolution or pixels.shape[-2] != self.resolution:
             pixels = F.interpolate(pixels, size=(self.resolution, self.resolution), mode="bilinear", antialias=True,
                                    align_corners=False)
-        features = self.trunk(pixels)
+        return self.trunk(pixels)
+
+    def logits(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: head(features) for name, head in self.heads.items()}
 
     @torch.no_grad()
