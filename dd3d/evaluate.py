@@ -207,26 +207,32 @@ def reference_reading(oracle, folder: Path, images: list[Image.Image]) -> tuple[
     labels = readme_labels(folder)
     if labels is None:
         return reading.labels, reading, "oracle"
-    return {"kind": labels["kind"], "colour": labels["colour"], "view": labels["view"],
-            "size": reading.labels["size"]}, reading, "README"
+    return {**labels, "size": reading.labels["size"]}, reading, "README"
 
 
-def caption_images(backbone, labels: dict[str, list[str]], count: int, seed: int = 0, steps: int = 20,
-                   guidance: float = 7.5) -> list[Image.Image]:
-    """The ceiling: `count` images from the exact captions "a <colour> <kind>, <view> view" of the references, in
-    turn (so the attribute mix is the references')."""
-    from dd3d.sample2d import generate, make_pipeline
+def exact_captions(labels: dict[str, list[str]], count: int) -> list[str]:
+    """The ceiling's prompts: the references' exact captions "a [small|large] <colour> <kind>, <view> view", in
+    turn, so the attribute mix is the references'; the size word only where world scales are known."""
     from dd3d.tiny.world import caption
 
     n = len(labels["kind"])
-    texts = [caption(labels["kind"][i % n], labels["colour"][i % n], labels["view"][i % n]) for i in range(count)]
-    generators = [torch.Generator().manual_seed(seed * 100003 + index) for index in range(count)]
-    pipeline = make_pipeline(backbone)
+    sizes = [size_word(float(s)) for s in labels["scale"]] if "scale" in labels else [""] * n
+    return [caption(labels["kind"][i % n], labels["colour"][i % n], labels["view"][i % n], sizes[i % n],
+                    "a {s} {c} {k}, {v} view") for i in range(count)]
+
+
+def text_images(backbone, texts: list[str], seed: int = 0, steps: int = 20, guidance: float = 7.5,
+                batch_size: int = 16) -> list[Image.Image]:
+    """One image per prompt text (DDIM, classifier-free guidance against the empty prompt), seeded per image."""
+    from dd3d.sample2d import generate, make_pipeline
+
+    generators = [torch.Generator().manual_seed(seed * 100003 + index) for index in range(len(texts))]
+    pipeline, empty = make_pipeline(backbone), backbone.encode_text([""])
     images = []
-    for start in range(0, count, 16):
-        embeddings = backbone.encode_text(texts[start : start + 16])
-        images += generate(pipeline, embeddings, backbone.encode_text([""]), steps, guidance,
-                           generators[start : start + 16], backbone.resolution)
+    for start in range(0, len(texts), batch_size):
+        embeddings = backbone.encode_text(texts[start : start + batch_size])
+        images += generate(pipeline, embeddings, empty, steps, guidance, generators[start : start + batch_size],
+                           backbone.resolution)
     return images
 
 

@@ -245,7 +245,7 @@ def run_evaluation(refs: Path, samples: Path | None = None, asset: Path | None =
                 from dd3d.backbone import Backbone
 
                 labels, _, _ = ev.reference_reading(oracle, refs, ref_images)
-                ceiling_images = ev.caption_images(Backbone.load(model), labels, ceiling, seed)
+                ceiling_images = ev.text_images(Backbone.load(model), ev.exact_captions(labels, ceiling), seed)
                 images["exact captions (ceiling)"] = ceiling_images
             metrics["2d"] = ev.evaluate_2d(oracle, refs, sample_images, ceiling_images)
         metrics["encoders"] = [ev.encoder_metrics(ev.ImageEncoder(source), ref_images, sample_images)
@@ -262,8 +262,7 @@ def run_evaluation(refs: Path, samples: Path | None = None, asset: Path | None =
             frames.append(asset_images)
         metrics["3d"] = {"assets": assets}
         if len(assets) > 1:
-            readme = ev.readme_labels(refs)
-            metrics["3d"]["spread"] = ev.asset_spread(assets, {**labels, **({"scale": readme["scale"]} if readme else {})})
+            metrics["3d"]["spread"] = ev.asset_spread(assets, labels)
     metrics["bars"] = check_bars(metrics)
     return metrics, images, frames
 

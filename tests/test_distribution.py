@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import save_file
 
 from dd3d.cli import UserError
-from dd3d.distribution import Gaussian, PromptDistribution
+from dd3d.distribution import Gaussian, Mixture, PromptDistribution
 
 
 def make_distribution(backbone, k=6, seed=0):
@@ -64,3 +64,55 @@ def test_bad_files(tmp_path):
     save_file({"ctx": torch.zeros(2, 2, 2)}, str(foreign))
     with pytest.raises(UserError, match="not a dd3d distribution"):
         PromptDistribution.load(foreign)
+
+
+def two_mode_hidden(k=32):
+    """K prompt encodings in two tight clusters, at -2 and +2 in every channel."""
+    generator = torch.Generator().manual_seed(1)
+    signs = torch.tensor([-2.0, 2.0]).repeat(k // 2)[:, None, None]
+    return signs + 0.05 * torch.randn(k, 77, 8, generator=generator)
+
+
+def draw(sampler, n=2000, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    eps, uniforms = torch.randn(n, 77, 8, generator=generator), torch.rand(n, generator=generator)
+    return sampler.apply(eps, uniforms)[0]
+
+
+def test_prompt_mixture_keeps_two_modes_apart_where_the_gaussian_blends_them():
+    hidden = two_mode_hidden()
+    blended = draw(Gaussian.from_hidden(hidden)).mean(dim=(1, 2))
+    kept = draw(Mixture.of_prompts(hidden, bandwidth=0.1)).mean(dim=(1, 2))
+    # The diagonal Gaussian puts most draws between the modes (the average of 616 channel values lands near 0) ...
+    assert (blended.abs() < 1).float().mean() > 0.9
+    # ... the mixture draws one mode or the other, about half each.
+    assert (kept.abs() > 1.5).all() and 0.4 < (kept > 0).float().mean() < 0.6
+
+
+def test_prompt_mixture_moments_and_scaling():
+    hidden = two_mode_hidden()
+    mixture = Mixture.of_prompts(hidden, bandwidth=0.5)
+    assert torch.allclose(mixture.weights.sum(), torch.tensor(1.0)) and len(mixture.components) == 32
+    assert torch.allclose(mixture.mean, hidden.mean(0), atol=1e-5)
+    matched = mixture.moment_matched()
+    draws = draw(mixture, 4000)
+    assert torch.allclose(draws.mean(0), matched.mean, atol=0.2)
+    assert torch.allclose(draws.std(0) / matched.std, torch.ones(77, 8), atol=0.1)
+    # std scale 0: one instance (the mean); 1: the mixture itself.
+    collapsed = draw(mixture.scaled(0.0), 5)
+    assert torch.allclose(collapsed, mixture.mean.expand(5, -1, -1))
+    assert torch.allclose(mixture.scaled(1.0).components[3].mean, mixture.components[3].mean, atol=1e-6)
+
+
+def test_combined_mixture_flattens_weights():
+    a = Mixture.of_prompts(two_mode_hidden(4), 0.5)
+    b = Gaussian(torch.zeros(77, 8), torch.ones(77, 8))
+    combined = Mixture.combine([a, b], torch.tensor([0.6, 0.4]))
+    assert len(combined.components) == 5
+    assert torch.allclose(combined.weights, torch.tensor([0.15, 0.15, 0.15, 0.15, 0.4]))
+
+
+def test_single_prompt_has_zero_spread():
+    hidden = torch.randn(1, 77, 8)
+    gaussian = Gaussian.from_hidden(hidden)
+    assert torch.equal(gaussian.mean, hidden[0]) and not gaussian.std.any()

@@ -96,3 +96,12 @@ def test_loss_falls_when_overfitting_two_images(backbone):
     # The random tiny UNet depends only weakly on its text input, so the attainable drop is a few per cent.
     assert losses[-1] < losses[0] - 0.015, losses
     assert sum(b < a for a, b in zip(losses, losses[1:])) >= 0.8 * (len(losses) - 1)
+
+
+def test_a_single_prompt_trains_with_finite_gradients(backbone):
+    """K=1 (Textual-Inversion-like): zero spread and no orthogonality term, not a NaN at step 1."""
+    learner = make_learner(backbone, k=1)
+    hidden, eos = learner()
+    loss = denoising_loss(backbone, hidden, *random_batch(backbone), min_snr_gamma=5.0) + orthogonality_loss(eos)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(learner.ctx.grad).all() and learner.ctx.grad.abs().sum() > 0

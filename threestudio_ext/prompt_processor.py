@@ -39,6 +39,8 @@ class DistributionPromptProcessor(PromptProcessor):
         weights: Optional[List[float]] = None
         mix: str = "blend"  # blend | mixture, as in scripts/sample2d.py
         std_scale: List[float] = field(default_factory=lambda: [1.0])
+        sampler: str = "gaussian"  # gaussian (the paper) | prompts (one component per learned prompt)
+        sampler_bandwidth: float = 0.5
         prefix: Optional[str] = None  # null = the training template
         suffix: Optional[str] = None
         class_index: Optional[int] = None
@@ -54,7 +56,8 @@ class DistributionPromptProcessor(PromptProcessor):
             raise ValueError("dd3d distributions use the '<template>, <view> view' form: "
                              "set view_dependent_prompt_front to false")
         sampler_cfg = OmegaConf.create({key: getattr(self.cfg, key) for key in
-                                        ("dists", "weights", "mix", "std_scale", "prefix", "suffix", "class_index")})
+                                        ("dists", "weights", "mix", "std_scale", "prefix", "suffix", "class_index",
+                                         "sampler", "sampler_bandwidth")})
         backbone = Backbone.load(self.cfg.pretrained_model_name_or_path)
         self.view_prompts = ViewPrompts.from_distributions(sampler_cfg, backbone)
         self.view_free = ViewPrompts({"": build_sampler(sampler_cfg, backbone)}, self.view_prompts.uncond)

@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+"""Stage-1 fidelity on the embedded world: the whole 2D chain on several reference sets, DreamDistribution against
+its baselines, in the paper's style of table with the world's metrics.
+
+Sets: the bundled ones (examples/refs) and sets rendered here from the world with fresh seeds (two colours of one
+kind, four colours of one kind, two kinds of one colour, one kind in all sizes). Methods, each sampled 32 times:
+  dd         the paper's method (K=32 prompts, one diagonal Gaussian over encoder outputs), as configured by default
+  <name>     any variant given with --variant name:key=value,key=value (stage-1 and sampling overrides)
+  k1         a single learned prompt (K=1, zero spread: Textual-Inversion-like)
+  class      the plain class prompt ("a <kind>", "a <colour> object" when the set spans kinds)
+  captions   the references' exact captions (the ceiling: what the model does when told exactly what to draw)
+Each number is the mean over --seeds. CPU, about 25 minutes with the defaults on 2 cores.
+
+  python benchmarks/bench_fidelity.py                       # all sets, 2 seeds
+  python benchmarks/bench_fidelity.py --sets cool-mugs two-colour-chairs --seeds 0 --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dd3d import evaluate as ev  # noqa: E402
+from dd3d.cli import load_config  # noqa: E402
+
+BUNDLED = ("cool-mugs", "warm-houses", "red-things", "small-warm-ducks")
+HELD_OUT = {  # rendered here with seeds the bundled sets and the model's training data do not use
+    "two-colour-chairs": dict(count=16, seed=2001, kinds=["chair"], colours=["green", "pink"],
+                              about="chairs, half green and half pink"),
+    "four-colour-cars": dict(count=16, seed=2002, kinds=["car"], colours=["red", "yellow", "cyan", "purple"],
+                             about="cars in four colours"),
+    "orange-lamps-and-snowmen": dict(count=16, seed=2003, kinds=["lamp", "snowman"], colours=["orange"],
+                                     about="lamps and snowmen, all orange"),
+    "ducks-of-all-sizes": dict(count=16, seed=2004, kinds=["duck"], colours=["green"], scale_range=(0.75, 1.25),
+                               about="green ducks from small to large"),
+}
+SPEC_DEFAULTS = dict(scale_range=(0.75, 1.25), overhead_share=0.0, camera=dict())
+METRICS = ("kind", "colour", "view", "size")
+
+
+def reference_folder(name: str, work: Path) -> Path:
+    if name in BUNDLED:
+        return ROOT / "examples" / "refs" / name
+    from dd3d.tiny.train import write_reference_set
+
+    folder = work / "sets" / name
+    if not (folder / "README.md").is_file():
+        write_reference_set(folder, name, spec={**SPEC_DEFAULTS, **HELD_OUT[name]})
+    return folder
+
+
+def class_prompt(labels: dict[str, list[str]]) -> str:
+    """What the references share, in words: "a <kind>", or "a <colour> object" when they span kinds."""
+    kinds, colours = set(labels["kind"]), set(labels["colour"])
+    if len(kinds) == 1:
+        return f"a {next(iter(kinds))}"
+    return f"a {next(iter(colours))} object" if len(colours) == 1 else "an object"
+
+
+def learned_samples(refs: Path, run: Path, seed: int, steps: int, n: int, overrides: list[str]) -> list:
+    """Train a distribution on `refs` (stage-1 overrides) and sample it n times (sample2d overrides: keys of
+    configs/sample2d.yaml, given as sample2d.<key>=value)."""
+    from dd3d.learn import train
+    from dd3d.sample2d import sample
+
+    learn_args = [o for o in overrides if not o.startswith("sample2d.")]
+    sample_args = [o.removeprefix("sample2d.") for o in overrides if o.startswith("sample2d.")]
+    cfg = load_config("train_distribution.yaml", None, [f"steps={steps}", f"seed={seed}", "sample.every=0",
+                                                        "checkpoint_every=100000", "overwrite=true", *learn_args],
+                      images=str(refs), out=str(run))
+    dist = train(cfg)
+    out = run / "2d"
+    sample(load_config("sample2d.yaml", None, [f"n={n}", "steps=20", f"seed={seed}", "batch_size=16",
+                                               *sample_args], dists=[str(dist)], out=str(out)))
+    return ev.load_images(out)
+
+
+def evaluate_set(name: str, args, oracle, backbone, variants: dict[str, list[str]]) -> dict:
+    refs = reference_folder(name, args.work)
+    labels, _, _ = ev.reference_reading(oracle, refs, ev.load_images(refs))
+    rows: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        ceiling = ev.text_images(backbone, ev.exact_captions(labels, args.n), seed)
+        methods = {
+            **{variant: lambda v=variant, o=overrides: learned_samples(
+                refs, args.work / "runs" / name / f"{v}-{seed}", seed, args.steps, args.n, o)
+               for variant, overrides in variants.items()},
+            "class": lambda: ev.text_images(backbone, [class_prompt(labels)] * args.n, seed),
+        }
+        for method, make in methods.items():
+            started = time.time()
+            result = ev.evaluate_2d(oracle, refs, make(), ceiling)
+            result["seconds"] = time.time() - started
+            rows.setdefault(method, []).append(result)
+        top = ev.evaluate_2d(oracle, refs, ceiling, ceiling)
+        rows.setdefault("captions", []).append(top)
+        print(f"  {name} seed {seed} done", flush=True)
+    return {method: summarise(results) for method, results in rows.items()}
+
+
+def summarise(results: list[dict]) -> dict:
+    mean = lambda values: float(np.mean(values))  # noqa: E731
+    out = {f"tv_{m}": mean([r["tv"][m] for r in results]) for m in METRICS}
+    for key in ("precision", "recall", "density", "coverage", "frechet"):
+        out[key] = mean([r["oracle_features"][key] for r in results])
+    out["confidence"] = mean([r["confidence"] for r in results])
+    out["confidence_ratio"] = mean([r["confidence_ratio"] for r in results])
+    out["colours"] = dict(Counter(c for r in results for c in r["samples"]["labels"]["colour"]).most_common())
+    return out
+
+
+def table(results: dict[str, dict]) -> str:
+    header = ("| set | method | TV kind | TV colour | TV view | TV size | coverage | density | Frechet | "
+              "conf/ceiling | sample colours |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    methods = list(next(iter(results.values())))
+    for name, by_method in results.items():
+        for method in methods:
+            r = by_method[method]
+            colours = ", ".join(f"{c} {k}" for c, k in r["colours"].items())
+            lines.append(f"| {name} | {method} | " + " | ".join(f"{r[f'tv_{m}']:.2f}" for m in METRICS)
+                         + f" | {r['coverage']:.2f} | {r['density']:.2f} | {r['frechet']:.0f} | "
+                         f"{r['confidence_ratio']:.2f} | {colours} |")
+    for method in methods:
+        rows = [by_method[method] for by_method in results.values()]
+        lines.append(f"| **mean** | {method} | " + " | ".join(
+            f"{np.mean([r[f'tv_{m}'] for r in rows]):.2f}" for m in METRICS)
+            + f" | {np.mean([r['coverage'] for r in rows]):.2f} | {np.mean([r['density'] for r in rows]):.2f} | "
+            f"{np.mean([r['frechet'] for r in rows]):.0f} | {np.mean([r['confidence_ratio'] for r in rows]):.2f} | |")
+    return "\n".join(lines)
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, _, overrides = text.partition(":")
+    return name, [o for o in overrides.split(",") if o]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", nargs="+", default=[*BUNDLED, *HELD_OUT], choices=[*BUNDLED, *HELD_OUT])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--steps", type=int, default=300, help="stage-1 steps (the demo's count)")
+    parser.add_argument("--n", type=int, default=32, help="samples per method, set and seed")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                        help="a learned method besides dd and k1 (stage-1 overrides; sample2d.<key>=value)")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the k1 baseline")
+    parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "bench-fidelity")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from dd3d.backbone import Backbone
+    from dd3d.tiny.oracle import Oracle
+
+    variants = {"dd": []}
+    variants.update(parse_variant(v) for v in args.variant)
+    if not args.no_baselines:
+        variants["k1"] = ["prompt.num_prompts=1"]
+    oracle, backbone = Oracle.load(), Backbone.load(None)
+    started = time.time()
+    results = {}
+    for name in args.sets:
+        results[name] = evaluate_set(name, args, oracle, backbone, variants)
+    print(f"\n{table(results)}\n\n{len(args.sets)} sets x {len(args.seeds)} seeds, {args.steps} stage-1 steps, "
+          f"{args.n} samples each: {time.time() - started:.0f} s")
+    path = args.work / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
