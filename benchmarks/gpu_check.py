@@ -9,9 +9,10 @@ still run; the exit code is 1 if any step failed):
   gen3d         stage 2 from it (300 iterations on CUDA, 4 without), turntable and mesh export
   bench-stage1  stage-1 training step, fp32 vs bf16 (benchmarks/bench_train_step.py), with peak memory
   bench-stage2  stage-2 iteration vs the UNet floor (benchmarks/bench_gen3d.py), with peak memory
-On CUDA the benchmarks use the Stable-Diffusion-2.1-base shapes (random weights; benchmarks/sd_shapes.py) and the
-whole check takes a few minutes on one H100/H200 (nerfacc compiles its CUDA extension the first time: add a minute
-or two). Without CUDA the same sequence runs at toy sizes in under a minute (tests/test_gpu_check.py runs it).
+On CUDA the benchmarks use the Stable-Diffusion-2.1-base shapes (random weights; benchmarks/sd_shapes.py); the
+whole check is meant to take at most 8 minutes on one H100/H200, nerfacc's first compile of its CUDA extension
+included (not measured yet). Without CUDA the same sequence runs at toy sizes, on one thread, in under a minute
+(tests/test_gpu_check.py runs it).
 Peak memory is torch.cuda.max_memory_allocated on CUDA; without CUDA, benchmarks/bench_memory.py's tensor tracker.
 The tables are rewritten after every step to <out>/gpu_check.md (or to --out FILE.md), so a cut-off run keeps
 what it reached.
@@ -157,7 +158,8 @@ def step_env(check: Check) -> str:
         check.note("cuDNN", str(torch.backends.cudnn.version()))
     else:
         check.note("GPU", "none: CUDA is not available (toy sizes)")
-    check.note("CPU threads", str(torch.get_num_threads()))
+    threads = torch.get_num_threads()
+    check.note("CPU threads", f"{threads}" + (" (this check's choice at toy size)" if device == "cpu" else ""))
     check.note("fp32 matmul precision", torch.get_float32_matmul_precision() + " (highest = no TF32)")
     for name in ("diffusers", "transformers", "accelerate"):
         check.note(name, probe_import(name)[1])
@@ -464,10 +466,18 @@ def main(argv=None, steps: dict | None = None) -> int:
         steps = {name: steps[name] for name in args.only.split(",")}
     table = args.out if args.out.suffix == ".md" else args.out / "gpu_check.md"
     size = args.size if args.size != "auto" else ("full" if cuda() else "toy")
-    with tempfile.TemporaryDirectory(prefix="dd3d-gpu-check-") as work:
-        check = Check(table=table, size=size, work=Path(work), images=args.images)
-        say(f"dd3d GPU check, size {size}: {', '.join(steps)}; tables -> {table}")
-        failures = run_steps(check, steps)
+    import torch
+
+    threads = torch.get_num_threads()
+    if size == "toy" and not cuda():
+        torch.set_num_threads(1)  # toy sizes gain nothing from threads, and on a busy machine threads contend
+    try:
+        with tempfile.TemporaryDirectory(prefix="dd3d-gpu-check-") as work:
+            check = Check(table=table, size=size, work=Path(work), images=args.images)
+            say(f"dd3d GPU check, size {size}: {', '.join(steps)}; tables -> {table}")
+            failures = run_steps(check, steps)
+    finally:
+        torch.set_num_threads(threads)
     total = time.perf_counter() - check.started
     write_tables(check)
     say(f"\n{len(steps) - failures} of {len(steps)} steps passed or skipped, {failures} failed, {total:.0f} s")

@@ -39,8 +39,10 @@ def test_a_failing_step_is_reported_and_fails_the_run(tmp_path, capsys):
         raise gpu_check.Skip("needs something this machine lacks")
 
     steps = {"first": lambda check: "fine", "broken": broken, "not-here": not_here, "after": lambda check: "ran"}
+    threads = torch.get_num_threads()
     code = gpu_check.main(["--size", "toy", "--out", str(tmp_path / "check.md")], steps=steps)
     assert code == 1
+    assert torch.get_num_threads() == threads  # restored for the tests that follow
     table = (tmp_path / "check.md").read_text()
     assert "| first | PASS |" in table and "| after | PASS |" in table  # the steps after a failure still run
     assert re.search(r"^\| broken \| FAIL \| [\d.]+ s \| ValueError: the kernel fell over \|$", table, flags=re.M)
