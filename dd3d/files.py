@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -10,16 +11,27 @@ import torch
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp_path)`, then move the result onto `path` in one step."""
+    """Call `write(tmp_path)`, then move the result onto `path` in one step. The file gets the usual mode of a new
+    file (0666 less the umask), whatever mode the writer gave the temporary file (safetensors: 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")  # the suffix stays: writers key on it
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def current_umask() -> int:
+    mask = os.umask(0o077)  # the only way to read it is to set it (briefly, to the strictest value)
+    os.umask(mask)
+    return mask
+
+
+STEP_FILE = re.compile(r"step-(\d+)\.pt")
 
 
 class Checkpoints:
@@ -29,7 +41,9 @@ class Checkpoints:
         self.folder, self.keep = Path(folder), max(1, keep)
 
     def paths(self) -> list[Path]:
-        return sorted(self.folder.glob("step-*.pt"))
+        """The checkpoint files, oldest step first (by step number: step-1000000 comes after step-999999)."""
+        numbered = [(int(m.group(1)), p) for p in self.folder.glob("step-*.pt") if (m := STEP_FILE.fullmatch(p.name))]
+        return [path for _, path in sorted(numbered)]
 
     def save(self, step: int, state: dict) -> Path:
         path = self.folder / f"step-{step:06d}.pt"
