@@ -168,8 +168,9 @@ class PromptDistribution:
 def import_reference_checkpoint(
     path: Path, backbone, class_index: int | None = None, prefix: str = "", suffix: str = ""
 ) -> PromptDistribution:
-    """Convert a reference DreamDistribution checkpoint (`final-N.pt`: `ctx` of shape (classes, K, n_ctx, d) inside
-    `model_state_dict`, keys possibly prefixed `module.` or `_orig_mod.`) to our format for `backbone`.
+    """Convert a reference DreamDistribution checkpoint (`final-N.pt`: `ctx` of shape (1, K, n_ctx, d) or (K, n_ctx, d)
+    inside `model_state_dict`, keys possibly prefixed `module.` or `_orig_mod.`) to our format for `backbone`.
+    Multi-class checkpoints (the reference's class-name mode) are refused.
 
     `prefix`/`suffix` are the template it was trained with. The result is marked `reference_positions`, so it is
     encoded the way the reference encodes it (position embeddings added twice to the fixed tokens)."""
@@ -186,14 +187,16 @@ def import_reference_checkpoint(
     if not isinstance(ctx, torch.Tensor):
         raise UserError(f"{path} holds no `ctx` tensor; is it a DreamDistribution checkpoint?")
     if ctx.dim() == 4:
-        if class_index is None and ctx.shape[0] > 1:
-            raise UserError(f"{path} holds contexts for {ctx.shape[0]} classes; pass a class index")
-        index = class_index or 0
-        if not 0 <= index < ctx.shape[0]:
-            raise UserError(f"class index {index} is out of range for {ctx.shape[0]} classes")
-        ctx = ctx[index]
+        if ctx.shape[0] > 1:  # the reference's class-name mode: another prompt layout, which dd3d does not encode
+            raise UserError(
+                f"{path} holds contexts for {ctx.shape[0]} classes (the reference code's class-name mode, where the "
+                "class name is part of the prompt); dd3d imports single-class checkpoints only"
+            )
+        if class_index not in (None, 0):
+            raise UserError(f"class index {class_index} is out of range: {path} holds one class (index 0)")
+        ctx = ctx[0]
     if ctx.dim() != 3:
-        raise UserError(f"`ctx` in {path} has shape {tuple(ctx.shape)}; expected (K, n_ctx, d) or (C, K, n_ctx, d)")
+        raise UserError(f"`ctx` in {path} has shape {tuple(ctx.shape)}; expected (K, n_ctx, d) or (1, K, n_ctx, d)")
     width = backbone.text_encoder.config.hidden_size
     if ctx.shape[-1] != width:
         raise UserError(f"{path} was made for a text encoder of width {ctx.shape[-1]}, not this model's {width}")

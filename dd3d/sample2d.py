@@ -278,7 +278,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, help="denoising steps")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     parser.add_argument("--scheduler", choices=list(SCHEDULERS))
-    parser.add_argument("--class-index", type=int, help="class of a multi-class reference checkpoint")
+    parser.add_argument("--class-index", type=int, help="class of a reference checkpoint (only single-class: 0)")
     parser.add_argument("--model", help="hub id or local diffusers folder (default: the distribution's model)")
     parser.add_argument("--out", help="output folder (default: <distribution folder>/2d)")
     parser.add_argument("--describe", action="store_true", default=None, help="print the learned tokens' nearest words")

@@ -129,7 +129,8 @@ def test_reference_import_errors(backbone, tmp_path):
     torch.save({"ctx": torch.zeros(3, 4, 2, 32)}, multi)
     with pytest.raises(UserError, match="3 classes"):
         import_reference_checkpoint(multi, backbone)
-    assert import_reference_checkpoint(multi, backbone, class_index=2).ctx.shape == (4, 2, 32)
+    with pytest.raises(UserError, match="single-class checkpoints only"):  # class-name mode is not supported
+        import_reference_checkpoint(multi, backbone, class_index=2)
     wide = tmp_path / "wide.pt"
     torch.save({"ctx": torch.zeros(1, 4, 2, 1024)}, wide)
     with pytest.raises(UserError, match="width 1024"):
