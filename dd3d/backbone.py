@@ -20,9 +20,14 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "tiny" / "model"
 DEFAULT_MODEL_ID = "embedded-default"  # what files record as the model when the embedded default was used
 
 
+def is_default_model(source: str | Path | None) -> bool:
+    return source is None or str(source) in ("", DEFAULT_MODEL_ID)
+
+
 def resolve_model_source(source: str | Path | None) -> str:
-    """The embedded default when `source` is None, else a local folder or a hub id, checked before loading."""
-    if source is None or str(source) in ("", DEFAULT_MODEL_ID):
+    """The embedded default when `source` is None, else a local folder (as an absolute path, so files that record
+    it work from any working directory) or a hub id (as given), checked before loading."""
+    if is_default_model(source):
         if not (DEFAULT_MODEL / "model_index.json").is_file():
             raise UserError(
                 f"the embedded default model is not installed at {DEFAULT_MODEL}; "
@@ -33,7 +38,7 @@ def resolve_model_source(source: str | Path | None) -> str:
     if path.exists():
         if not (path / "unet" / "config.json").is_file():
             raise UserError(f"{path} is not a diffusers text-to-image folder (no unet/config.json)")
-        return str(path)
+        return str(path.resolve())
     if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
         raise UserError(f"model '{source}' is neither an existing folder nor a hub id of the form owner/name")
     return str(source)
@@ -81,7 +86,8 @@ class Backbone:
         text_encoder.to(device, dtype)
         unet.to(device)
         vae.to(device)
-        return cls(tokenizer, text_encoder, unet, vae, scheduler, str(source or DEFAULT_MODEL_ID), fingerprint)
+        recorded = DEFAULT_MODEL_ID if is_default_model(source) else model_id  # a local folder: its absolute path
+        return cls(tokenizer, text_encoder, unet, vae, scheduler, recorded, fingerprint)
 
     # --- facts about the model -------------------------------------------------------------------------------
     @property

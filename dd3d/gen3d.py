@@ -21,13 +21,63 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dd3d.cli import CONFIG_DIR, UserError, add_config_arguments, load_config, prepare_run_dir, warn
+from dd3d.cli import (
+    CONFIG_DIR,
+    UserError,
+    add_config_arguments,
+    check_ranges,
+    check_unchanged_on_resume,
+    load_config,
+    parse_arguments,
+    prepare_run_dir,
+    warn,
+)
 from dd3d.export import extract_mesh, write_mesh
 from dd3d.files import Checkpoints, atomic_write
 from dd3d.nerf import NeRFField, OccupancyGrid, VolumeRenderer, camera_rays, orbit_cameras, sample_cameras
 from dd3d.sample2d import open_backbone
-from dd3d.sds import ScoreDistillation
+from dd3d.sds import ScoreDistillation, check_timestep_range
 from dd3d.view_prompts import ViewPrompts
+
+RUN_KIND = "gen3d"
+# What a run writes in its folder (and in each sample-N/ of a multi-asset run); mesh.* includes export_mesh.py's files.
+RUN_FILES = ("config.yaml", "checkpoints", "validation", "train.log", "turntable.*", "mesh.*", "sample-*")
+NULLABLE = dict.fromkeys(("prompt", "model", "out", "prefix", "suffix"), "")  # types of keys whose default is null
+NULLABLE |= {"weights": [0.0], "class_index": 0, "guidance.grad_clip": 0.0, "export.threshold": 0.0}
+NULLABLE |= dict.fromkeys(("export.resolution", "export.texture", "export.face_budget"), 0)
+CONFIG_RANGES = {
+    "seed": (">=", 0),
+    "steps": (">=", 1),
+    "num_samples": (">=", 1),
+    "prompt_draw": ("in", ("auto", "per_iteration", "per_asset")),
+    "prompt_jitter": (">=", 0),
+    "camera.batch_size": (">=", 1),
+    "camera.width": (">=", 1),
+    "camera.height": (">=", 1),
+    "shading.albedo_steps": (">=", 0),
+    "shading.albedo": (">=", 0, "<=", 1),
+    "shading.textureless": (">=", 0, "<=", 1),
+    "guidance.guidance_scale": (">=", 0),
+    "guidance.anneal_steps": (">=", 0),
+    "guidance.weighting": ("in", ("sds", "uniform")),
+    "guidance.grad_clip": (">", 0),
+    "optim.lr": (">", 0),
+    "optim.eps": (">", 0),
+    "optim.betas": (">=", 0, "<", 1),
+    "validation.every": (">=", 0),
+    "validation.views": (">=", 1),
+    "validation.size": (">=", 1),
+    "checkpoint_every": (">=", 1),
+    "keep_checkpoints": (">=", 1),
+    "log_every": (">=", 1),
+    "video.frames": (">=", 1),
+    "video.fps": (">", 0),
+    "video.size": (">=", 1),
+    "export.resolution": (">=", 2),
+    "export.texture": (">=", 1),
+    "export.face_budget": (">=", 1),
+}
+FIXED_ON_RESUME = ("field", "renderer.background", "occupancy.resolution")  # they fix the checkpoint's shapes
 
 
 class Scene(torch.nn.Module):
@@ -279,19 +329,26 @@ def asset_folders(cfg: DictConfig) -> list[Path]:
     return [out] if cfg.num_samples == 1 else [out / f"sample-{index}" for index in range(cfg.num_samples)]
 
 
-def generate(cfg: DictConfig) -> list[Path]:
-    """Run (or resume) stage 2 for every asset of the configuration."""
+def check_config(cfg: DictConfig) -> None:
+    """Every setting that can be checked without the model, checked before anything is written."""
     if bool(cfg.dists) == bool(cfg.prompt):
         raise UserError("pass either --dist <distribution file> or --prompt <text>")
-    if cfg.num_samples < 1 or cfg.steps < 1:
-        raise UserError("num_samples and steps must be at least 1")
-    sample_training_cameras(cfg, None, 1)  # impossible ranges fail here, before anything is written
+    check_ranges(cfg, CONFIG_RANGES)
+    guidance = cfg.guidance
+    check_timestep_range(guidance.min_step_percent, guidance.max_step_percent, guidance.max_step_percent_end)
+    sample_training_cameras(cfg, None, 1)  # impossible camera ranges
+    Scene(cfg)  # field, renderer and occupancy settings
+
+
+def generate(cfg: DictConfig) -> list[Path]:
+    """Run (or resume) stage 2 for every asset of the configuration."""
+    check_config(cfg)
     backbone = open_backbone(cfg)
     prompts = (
         ViewPrompts.from_text(cfg.prompt, backbone) if cfg.prompt else ViewPrompts.from_distributions(cfg, backbone)
     )
     out = Path(cfg.out)
-    prepare_run_dir(out, cfg.resume, cfg.overwrite)
+    prepare_run_dir(out, cfg.resume, cfg.overwrite, RUN_KIND, RUN_FILES)
     atomic_write(out / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
     folders = []
     for asset, folder in enumerate(asset_folders(cfg)):
@@ -317,7 +374,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model", help="hub id or local diffusers folder")
     parser.add_argument("--out", help="run folder")
     add_config_arguments(parser)
-    args = parser.parse_intermixed_args(argv)
+    args = parse_arguments(parser, argv, "gen3d.yaml")
     flags = {
         "dists": args.dist,
         "prompt": args.prompt,
@@ -331,13 +388,14 @@ def main(argv=None) -> None:
         "out": args.out,
     }
     profile = None if torch.cuda.is_available() else CONFIG_DIR / "gen3d_cpu.yaml"
-    cfg = load_config("gen3d.yaml", args.config, args.overrides, base=profile, **flags)
+    cfg = load_config("gen3d.yaml", args.config, args.overrides, profile, NULLABLE, **flags)
     if cfg.out is None:
         name = Path(cfg.dists[0]).parent.name if cfg.dists else "-".join((cfg.prompt or "asset").split())[:40]
         cfg.out = str(Path("outputs") / f"{name}-3d")
     saved = Path(cfg.out) / "config.yaml"
     if cfg.resume and saved.is_file():
-        cfg = load_config("gen3d.yaml", args.config, args.overrides, base=saved, **flags)
+        cfg = load_config("gen3d.yaml", args.config, args.overrides, saved, NULLABLE, **flags)
+        check_unchanged_on_resume(saved, cfg, FIXED_ON_RESUME)
     for folder in generate(cfg):
         print(f"wrote {folder}")
 
@@ -347,7 +405,7 @@ def load_scene(checkpoint: Path) -> tuple[Scene, DictConfig]:
     config = checkpoint.parent.parent / "config.yaml"
     if not config.is_file():
         raise UserError(f"no config.yaml next to {checkpoint.parent}; is {checkpoint} a gen3d checkpoint?")
-    cfg = load_config("gen3d.yaml", None, [], base=config)  # defaults fill keys older runs lack
+    cfg = load_config("gen3d.yaml", None, [], config, NULLABLE)  # defaults fill keys older runs lack
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         scene = Scene(cfg)

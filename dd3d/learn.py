@@ -20,7 +20,15 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from dd3d.backbone import Backbone
-from dd3d.cli import UserError, add_config_arguments, load_config, prepare_run_dir
+from dd3d.cli import (
+    UserError,
+    add_config_arguments,
+    check_ranges,
+    check_unchanged_on_resume,
+    load_config,
+    parse_arguments,
+    prepare_run_dir,
+)
 from dd3d.data import load_reference_images, training_views
 from dd3d.distribution import Gaussian, PromptDistribution
 from dd3d.files import Checkpoints, atomic_write
@@ -28,6 +36,34 @@ from dd3d.prompts import SoftPromptEncoder
 from dd3d.sample2d import generate, image_grid, make_pipeline
 
 PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+RUN_KIND = "train_distribution"
+RUN_FILES = ("config.yaml", "checkpoints", "samples", "train.log", "distribution.safetensors")  # what a run writes
+NULLABLE = {"images": "", "model": "", "out": "", "resolution": 0}  # the types of keys whose default is null
+CONFIG_RANGES = {
+    "seed": (">=", 0),
+    "steps": (">=", 1),
+    "resolution": (">=", 8),
+    "prompt.n_ctx": (">=", 1),
+    "prompt.num_prompts": (">=", 1),
+    "prompt.init_std": (">=", 0),
+    "train.batch_size": (">=", 1),
+    "train.num_samples": (">=", 1),
+    "train.lr": (">", 0),
+    "train.weight_decay": (">=", 0),
+    "train.grad_clip": (">", 0),
+    "train.min_snr_gamma": (">=", 0),
+    "train.ortho_weight": (">=", 0),
+    "augment.crops": (">=", 0),
+    "augment.crop_scale": (">", 0, "<=", 1),
+    "checkpoint_every": (">=", 1),
+    "keep_checkpoints": (">=", 1),
+    "log_every": (">=", 1),
+    "sample.every": (">=", 0),
+    "sample.n": (">=", 1),
+    "sample.steps": (">=", 1),
+    "sample.seed": (">=", 0),
+}
+FIXED_ON_RESUME = ("prompt.num_prompts", "prompt.n_ctx")  # the shapes of the checkpointed ctx and Adam state
 
 
 class PromptLearner(torch.nn.Module):
@@ -174,7 +210,7 @@ def train(cfg: DictConfig) -> Path:
     check_resolution(backbone, resolution)
     images, _ = load_reference_images(Path(cfg.images), min_side=resolution)
     if main:
-        prepare_run_dir(out, cfg.resume, cfg.overwrite)
+        prepare_run_dir(out, cfg.resume, cfg.overwrite, RUN_KIND, RUN_FILES)
         atomic_write(out / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
     accelerator.wait_for_everyone()
     latents = encode_views(backbone, images, cfg, resolution)
@@ -254,9 +290,9 @@ def main(argv=None) -> None:
     parser.add_argument("--model", help="hub id or local diffusers folder (default: the embedded model)")
     parser.add_argument("--out", help="run folder (default: outputs/<image folder name>)")
     add_config_arguments(parser)
-    args = parser.parse_intermixed_args(argv)
+    args = parse_arguments(parser, argv, "train_distribution.yaml")
     flags = {"images": args.images, "model": args.model, "out": args.out}
-    cfg = load_config("train_distribution.yaml", args.config, args.overrides, **flags)
+    cfg = load_config("train_distribution.yaml", args.config, args.overrides, nullable=NULLABLE, **flags)
     if cfg.out is None and cfg.images is not None:
         cfg.out = str(Path("outputs") / Path(cfg.images).resolve().name)
     if cfg.out is None:
@@ -264,7 +300,9 @@ def main(argv=None) -> None:
     saved = Path(cfg.out) / "config.yaml"
     if cfg.resume and saved.is_file():
         # Resuming: the saved run's settings, with this command's overrides on top.
-        cfg = load_config("train_distribution.yaml", args.config, args.overrides, base=saved, **flags)
+        cfg = load_config("train_distribution.yaml", args.config, args.overrides, saved, NULLABLE, **flags)
+        check_unchanged_on_resume(saved, cfg, FIXED_ON_RESUME)
     if cfg.images is None:
         raise UserError("pass --images <folder of reference images>")
+    check_ranges(cfg, CONFIG_RANGES)
     print(f"wrote {train(cfg)}")

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dd3d.cli import CONFIG_DIR, UserError, add_config_arguments, load_config
+from dd3d.cli import CONFIG_DIR, UserError, add_config_arguments, check_ranges, load_config, parse_arguments
 from dd3d.distribution import (
     Gaussian,
     Mixture,
@@ -54,6 +54,17 @@ SCHEDULERS = {
 }
 MODEL_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROMPT_STREAM, LATENT_STREAM = 0, 1
+NULLABLE = dict.fromkeys(("model", "out", "prefix", "suffix"), "")  # the types of keys whose default is null
+NULLABLE |= {"weights": [0.0], "class_index": 0, "resolution": 0}
+CONFIG_RANGES = {
+    "n": (">=", 1),
+    "batch_size": (">=", 1),
+    "seed": (">=", 0),
+    "steps": (">=", 1),
+    "guidance": (">=", 0),
+    "resolution": (">=", 8),
+    "describe_topk": (">=", 1),
+}
 
 
 def make_pipeline(backbone, scheduler: str = "ddim") -> StableDiffusionPipeline:
@@ -216,8 +227,7 @@ def render_indices(cfg: DictConfig, backbone, sampler, indices: list[int], progr
 
 def sample(cfg: DictConfig) -> Path:
     """Write one PNG per image, a grid and manifest.json (enough to regenerate every image) to cfg.out."""
-    if cfg.n < 1 or cfg.batch_size < 1:
-        raise UserError("n and batch_size must be at least 1")
+    check_ranges(cfg, CONFIG_RANGES)
     backbone = open_backbone(cfg)
     sampler = build_sampler(cfg, backbone)
     out = Path(cfg.out)
@@ -285,7 +295,7 @@ def main(argv=None) -> None:
     parser.add_argument("--from-manifest", type=Path, help="regenerate an image of an earlier run (with --index)")
     parser.add_argument("--index", type=int, default=0, help="image index for --from-manifest")
     add_config_arguments(parser)
-    args = parser.parse_intermixed_args(argv)
+    args = parse_arguments(parser, argv, "sample2d.yaml")
     if args.from_manifest is not None:
         if not args.from_manifest.is_file():
             raise UserError(f"manifest {args.from_manifest} does not exist")
@@ -314,7 +324,7 @@ def main(argv=None) -> None:
         "out": args.out,
         "describe": args.describe,
     }
-    cfg = load_config("sample2d.yaml", args.config, args.overrides, **flags)
+    cfg = load_config("sample2d.yaml", args.config, args.overrides, nullable=NULLABLE, **flags)
     if not cfg.dists:
         raise UserError("pass --dist <distribution file> [more files]")
     for path in cfg.dists:

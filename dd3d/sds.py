@@ -44,6 +44,19 @@ def sds_loss(latents: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
     return 0.5 * F.mse_loss(latents, target, reduction="sum") / latents.shape[0]
 
 
+def check_timestep_range(
+    min_step_percent: float, max_step_percent: float, max_step_percent_end: float | None = None
+) -> None:
+    """Timesteps are drawn from [T * min, T * max] (max annealed to max_step_percent_end); T * 1.0 is one past the
+    schedule's last timestep, so the percents must satisfy 0 <= min < max < 1 and min <= end < 1."""
+    end = max_step_percent_end
+    if not (0 <= min_step_percent < max_step_percent < 1 and (end is None or min_step_percent <= end < 1)):
+        raise UserError(
+            "guidance timesteps must satisfy 0 <= min_step_percent < max_step_percent < 1 and min_step_percent <= "
+            f"max_step_percent_end < 1, not {min_step_percent}, {max_step_percent}, {end}"
+        )
+
+
 class ScoreDistillation:
     """SDS guidance for rendered images: timestep range with annealing, weighting, gradient clipping."""
 
@@ -58,8 +71,7 @@ class ScoreDistillation:
         weighting: str = "sds",
         grad_clip: float | None = None,
     ):
-        if not 0 <= min_step_percent < max_step_percent <= 1:
-            raise UserError("guidance step range must satisfy 0 <= min_step_percent < max_step_percent <= 1")
+        check_timestep_range(min_step_percent, max_step_percent, max_step_percent_end)
         self.backbone = backbone
         self.guidance_scale = guidance_scale
         self.min_step_percent, self.max_step_percent = min_step_percent, max_step_percent
@@ -76,7 +88,7 @@ class ScoreDistillation:
             top = top + (self.max_step_percent_end - top) * progress
         steps = self.backbone.num_train_timesteps
         low = int(steps * self.min_step_percent)
-        return low, max(low + 1, int(steps * top))
+        return low, min(steps - 1, max(low + 1, int(steps * top)))
 
     def encode(self, rgb: torch.Tensor) -> torch.Tensor:
         """Rendered images (B, H, W, 3) in [0, 1] -> latents, resized to the model's native size (with grad)."""

@@ -697,6 +697,7 @@ class RunConfig(Recipe):
 
 
 RUN_KEYS = ("resume", "overwrite")
+WORK_FILES = ("config.yaml", "timings.json", "data", "oracle", "checkpoints")  # what a run writes in its work folder
 
 
 def main(argv=None) -> None:
@@ -735,7 +736,7 @@ def main(argv=None) -> None:
         raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    prepare_run_dir(args.out, run_flags["resume"], run_flags["overwrite"])
+    prepare_run_dir(args.out, run_flags["resume"], run_flags["overwrite"], "train_tiny_backbone", WORK_FILES)
     recipe = Recipe(**cfg)
     started = time.time()
     metrics = Trainer(args.out, recipe, args.model_dir, args.device, log=tqdm.write).run()
