@@ -178,8 +178,10 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool, kind: str, owns: t
     records the kind and the names (glob patterns) of the entries such a run writes.
 
     A folder holding a run is refused unless resuming or overwriting, and so is resuming or overwriting a run of
-    another kind. Overwrite deletes only the marked run's own entries: it refuses, deleting nothing, when the
-    folder holds anything else (a user's file, sample2d's `2d/` in a stage-1 run) or has no marker."""
+    another kind. Overwrite deletes only the run's own entries and keeps the outputs of other dd3d commands saved
+    inside it (sample2d's `2d/`, recognised by its manifest.json). It refuses, deleting nothing, when the folder
+    holds anything else (a user's file) or is not recognisably a dd3d run: no marker, and no config.yaml written by
+    an earlier dd3d for a `kind` run (see dd3d_config_kind)."""
     out = Path(out)
     marker = out / RUN_MARKER
     holds_run = marker.exists() or (out / "config.yaml").exists() or (out / "checkpoints").exists()
@@ -189,23 +191,29 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool, kind: str, owns: t
     if record is not None and record["kind"] != kind:
         raise UserError(f"{out} holds a {record['kind']} run, not a {kind} run; choose another --out")
     if holds_run and overwrite and not resume:
+        if record is None and dd3d_config_kind(out / "config.yaml") == kind:  # a run of a dd3d without markers
+            record = {"kind": kind, "owns": [*owns, TEMP_FILES]}
         if record is None:
             raise UserError(
-                f"{out} holds a config.yaml or checkpoints/ but no {RUN_MARKER}, so dd3d cannot tell what it wrote "
-                "there and overwrite=true deletes nothing; delete the folder yourself or choose another --out"
+                f"{out} holds a config.yaml or checkpoints/ that dd3d cannot tell as its own (no {RUN_MARKER}), so "
+                "overwrite=true deletes nothing; delete the folder yourself or choose another --out"
             )
         entries = [entry for entry in sorted(out.iterdir()) if entry.name != RUN_MARKER]
-        foreign = [e.name for e in entries if not any(fnmatch.fnmatchcase(e.name, p) for p in record["owns"])]
+        owned = [e for e in entries if any(fnmatch.fnmatchcase(e.name, pattern) for pattern in record["owns"])]
+        kept = [e for e in entries if e not in owned and e.is_dir() and (e / "manifest.json").is_file()]
+        foreign = [e.name for e in entries if e not in owned and e not in kept]
         if foreign:
             raise UserError(
                 f"{out} also holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which the {kind} run "
                 "did not write, so overwrite=true deletes nothing; move it away or choose another --out"
             )
-        for entry in entries:
+        for entry in owned:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
+        for entry in kept:
+            warn(f"overwrite=true keeps {entry} (made by sample2d from the replaced run)")
     out.mkdir(parents=True, exist_ok=True)
     record = {"kind": kind, "owns": [*owns, TEMP_FILES]}
     atomic_write(marker, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
@@ -219,6 +227,20 @@ def read_run_marker(marker: Path) -> dict | None:
         return {"kind": str(record["kind"]), "owns": [str(pattern) for pattern in record["owns"]]}
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{marker} is unreadable; delete the run folder yourself or choose another --out") from None
+
+
+def dd3d_config_kind(path: Path) -> str | None:
+    """The kind of run whose config.yaml (as dd3d saves it: resume and overwrite among its keys, and every key one
+    of configs/<kind>.yaml's) is at `path`, else None."""
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception:  # missing, unreadable or not YAML: not a config dd3d wrote
+        return None
+    keys = set(saved) if isinstance(saved, dict) else set()
+    for defaults in sorted(CONFIG_DIR.glob("*.yaml")):
+        if {"resume", "overwrite"} <= keys <= set(OmegaConf.load(defaults)):
+            return defaults.stem
+    return None
 
 
 def warn(message: str) -> None:

@@ -38,26 +38,26 @@ def dist_file(backbone, tmp_path_factory):
 # --- 1. overwrite deletes only what dd3d wrote ------------------------------------------------------------------
 
 
-def test_overwrite_keeps_a_user_file_and_a_2d_folder_by_refusing(tiny_model, refs, tmp_path, capsys):
+def test_overwrite_refuses_a_user_file_and_keeps_sample2d_output(tiny_model, refs, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--images", refs, "--model", tiny_model, "--out", out, "steps=1", *FAST]
     assert run_cli(learn.main, args, capsys)[0] == 0
     assert json.loads((out / RUN_MARKER).read_text())["kind"] == "train_distribution"
     (out / "notes.txt").write_text("mine")
     (out / "2d").mkdir()
-    (out / "2d" / "0000.png").write_bytes(b"png")
+    (out / "2d" / "manifest.json").write_text("{}")  # what sample2d writes into <run>/2d by default
     before = sorted(p.name for p in out.iterdir())
     code, captured = run_cli(learn.main, [*args, "overwrite=true"], capsys)
-    one_error_line(code, captured, "also holds 2d, notes.txt")
+    one_error_line(code, captured, "also holds notes.txt, which the train_distribution run did not write")
     assert sorted(p.name for p in out.iterdir()) == before  # nothing deleted, not even the run's own files
-    assert (out / "notes.txt").read_text() == "mine" and (out / "2d" / "0000.png").is_file()
+    assert (out / "notes.txt").read_text() == "mine"
 
     (out / "notes.txt").unlink()
-    (out / "2d" / "0000.png").unlink()
-    (out / "2d").rmdir()
+    (out / "checkpoints" / "step-000001.pt").rename(out / "checkpoints" / "step-000099.pt")  # the old run's
     code, captured = run_cli(learn.main, [*args, "overwrite=true"], capsys)
     assert code == 0, captured.err
-    assert (out / "distribution.safetensors").is_file()
+    assert "keeps" in captured.err and (out / "2d" / "manifest.json").is_file()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000001.pt"]
 
 
 def test_overwrite_removes_only_the_marked_runs_own_entries(tmp_path):
@@ -71,14 +71,14 @@ def test_overwrite_removes_only_the_marked_runs_own_entries(tmp_path):
     assert [p.name for p in out.iterdir()] == [RUN_MARKER]
 
 
-def test_overwrite_refuses_a_folder_without_the_marker_or_of_another_kind(tmp_path):
+def test_overwrite_refuses_what_is_not_recognisably_a_dd3d_run(tmp_path):
     out = tmp_path / "someone-elses"
     out.mkdir()
     (out / "config.yaml").write_text("mine: true\n")
-    (out / "data.csv").write_text("1,2\n")
-    with pytest.raises(UserError, match=f"no {RUN_MARKER}"):
+    (out / "checkpoints").mkdir()
+    with pytest.raises(UserError, match=f"cannot tell as its own \\(no {RUN_MARKER}\\)"):
         prepare_run_dir(out, False, True, "gen3d", OWNS)
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "data.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml"]
 
     stage1 = tmp_path / "stage1"
     prepare_run_dir(stage1, False, False, "train_distribution", OWNS)
@@ -86,6 +86,15 @@ def test_overwrite_refuses_a_folder_without_the_marker_or_of_another_kind(tmp_pa
     with pytest.raises(UserError, match="holds a train_distribution run, not a gen3d run"):
         prepare_run_dir(stage1, False, True, "gen3d", OWNS)
     assert (stage1 / "config.yaml").is_file()
+
+
+def test_overwrite_recognises_a_run_of_a_dd3d_without_markers(tmp_path):
+    out = tmp_path / "old-run"
+    out.mkdir()
+    (out / "config.yaml").write_text("images: refs\nresume: false\noverwrite: false\nsteps: 10\n")
+    (out / "train.log").write_text("step 10\n")
+    prepare_run_dir(out, False, True, "train_distribution", OWNS)
+    assert [p.name for p in out.iterdir()] == [RUN_MARKER]
 
 
 # --- 3. the merged configuration is checked before anything is written ---------------------------------------------
