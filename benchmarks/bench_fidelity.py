@@ -5,7 +5,8 @@ its baselines, in the paper's style of table with the world's metrics.
 Sets: the bundled ones (examples/refs) and sets rendered here from the world with fresh seeds (two colours of one
 kind, four colours of one kind, two kinds of one colour, one kind in all sizes). Methods, each sampled 32 times:
   dd         the paper's method (K=32 prompts, one diagonal Gaussian over encoder outputs), as configured by default
-  <name>     any variant given with --variant name:key=value,key=value (stage-1 and sampling overrides)
+  <name>     any variant given with --variant name:key=value,key=value (stage-1 overrides, and sampling ones as
+             sample2d.<key>=value; variants with the same stage-1 overrides share one trained run)
   k1         a single learned prompt (K=1, zero spread: Textual-Inversion-like)
   class      the plain class prompt ("a <kind>", "a <colour> object" when the set spans kinds)
   captions   the references' exact captions (the ceiling: what the model does when told exactly what to draw)
@@ -67,19 +68,22 @@ def class_prompt(labels: dict[str, list[str]]) -> str:
     return f"a {next(iter(colours))} object" if len(colours) == 1 else "an object"
 
 
-def learned_samples(refs: Path, run: Path, seed: int, steps: int, n: int, overrides: list[str]) -> list:
-    """Train a distribution on `refs` (stage-1 overrides) and sample it n times (sample2d overrides: keys of
-    configs/sample2d.yaml, given as sample2d.<key>=value)."""
+def learned_samples(refs: Path, runs: Path, seed: int, steps: int, n: int, overrides: list[str]) -> list:
+    """Train a distribution on `refs` with the stage-1 overrides (once per distinct set of them: variants that only
+    change sampling share the run) and sample it n times with the sampling overrides (sample2d.<key>=value)."""
     from dd3d.learn import train
     from dd3d.sample2d import sample
 
     learn_args = [o for o in overrides if not o.startswith("sample2d.")]
     sample_args = [o.removeprefix("sample2d.") for o in overrides if o.startswith("sample2d.")]
-    cfg = load_config("train_distribution.yaml", None, [f"steps={steps}", f"seed={seed}", "sample.every=0",
-                                                        "checkpoint_every=100000", "overwrite=true", *learn_args],
-                      images=str(refs), out=str(run))
-    dist = train(cfg)
-    out = run / "2d"
+    run = runs / ("-".join(learn_args).replace("/", "_") or "default") / f"seed-{seed}"
+    dist = run / "distribution.safetensors"
+    if not dist.is_file():
+        cfg = load_config("train_distribution.yaml", None, [f"steps={steps}", f"seed={seed}", "sample.every=0",
+                                                            "checkpoint_every=100000", "overwrite=true", *learn_args],
+                          images=str(refs), out=str(run))
+        train(cfg)
+    out = run / ("2d-" + ("-".join(sample_args) or "default"))
     sample(load_config("sample2d.yaml", None, [f"n={n}", "steps=20", f"seed={seed}", "batch_size=16",
                                                *sample_args], dists=[str(dist)], out=str(out)))
     return ev.load_images(out)
@@ -92,8 +96,8 @@ def evaluate_set(name: str, args, oracle, backbone, variants: dict[str, list[str
     for seed in args.seeds:
         ceiling = ev.text_images(backbone, ev.exact_captions(labels, args.n), seed)
         methods = {
-            **{variant: lambda v=variant, o=overrides: learned_samples(
-                refs, args.work / "runs" / name / f"{v}-{seed}", seed, args.steps, args.n, o)
+            **{variant: lambda o=overrides: learned_samples(refs, args.work / "runs" / name, seed, args.steps,
+                                                             args.n, o)
                for variant, overrides in variants.items()},
             "class": lambda: ev.text_images(backbone, [class_prompt(labels)] * args.n, seed),
         }

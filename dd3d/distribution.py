@@ -26,7 +26,9 @@ class Gaussian:
 
     @classmethod
     def from_hidden(cls, hidden: torch.Tensor) -> "Gaussian":
-        """Fit to the encoder outputs of the K prompts, hidden (K, 77, d)."""
+        """Fit to the encoder outputs of the K prompts, hidden (K, 77, d); one prompt (K=1) has zero spread."""
+        if len(hidden) == 1:
+            return cls(hidden[0], torch.zeros_like(hidden[0]))
         return cls(hidden.mean(dim=0), hidden.std(dim=0))
 
     def scaled(self, std_scale: float) -> "Gaussian":
@@ -69,6 +71,43 @@ class Mixture:
 
     components: list[Gaussian]
     weights: torch.Tensor
+
+    @classmethod
+    def of_prompts(cls, hidden: torch.Tensor, bandwidth: float) -> "Mixture":
+        """One component per prompt, centred on its encoder output (K, 77, d), all with the spread `bandwidth` times
+        the K prompts' std: the prompts' modes stay apart instead of blending into one Gaussian."""
+        spread = Gaussian.from_hidden(hidden).std * bandwidth
+        weights = torch.full((len(hidden),), 1.0 / len(hidden))
+        return cls([Gaussian(row, spread) for row in hidden], weights)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return sum(float(w) * g.mean for w, g in zip(self.weights, self.components))
+
+    def scaled(self, std_scale: float) -> "Mixture":
+        """Every component's offset from the mixture's mean and its spread times std_scale: 0 gives one instance
+        (the mean), 1 the mixture itself, more spreads it further."""
+        centre = self.mean
+        return Mixture(
+            [Gaussian(centre + std_scale * (g.mean - centre), g.std * std_scale) for g in self.components],
+            self.weights,
+        )
+
+    def moment_matched(self) -> Gaussian:
+        """The diagonal Gaussian with the mixture's mean and variance (for the reference's blend)."""
+        centre = self.mean
+        variance = sum(float(w) * (g.std**2 + (g.mean - centre) ** 2) for w, g in zip(self.weights, self.components))
+        return Gaussian(centre, variance.sqrt())
+
+    @classmethod
+    def combine(cls, parts: list["Gaussian | Mixture"], weights: torch.Tensor) -> "Mixture":
+        """A mixture of distributions (each a Gaussian or a mixture), flattened to its components."""
+        components, flat = [], []
+        for part, weight in zip(parts, weights):
+            inner = part if isinstance(part, Mixture) else Mixture([part], torch.ones(1))
+            components += inner.components
+            flat += [float(weight) * float(w) for w in inner.weights]
+        return cls(components, torch.tensor(flat, dtype=torch.float32))
 
     def apply(self, eps: torch.Tensor, uniforms: torch.Tensor):
         """Map eps (n, 77, d) and uniforms in [0, 1) (n,) to draws; returns (draws, component index)."""
@@ -159,9 +198,16 @@ class PromptDistribution:
         )
 
     @torch.no_grad()
-    def fit(self, backbone, prefix: str | None = None, suffix: str | None = None) -> Gaussian:
-        """Encode the K contexts under a template and fit the Gaussian of their encoder outputs."""
+    def fit(self, backbone, prefix: str | None = None, suffix: str | None = None, sampler: str = "gaussian",
+            bandwidth: float = 0.5) -> Gaussian | Mixture:
+        """Encode the K contexts under a template and fit the sampler to their encoder outputs: the paper's one
+        diagonal Gaussian (`gaussian`), or a mixture with one component per prompt (`prompts`, see
+        Mixture.of_prompts)."""
         hidden, _ = self.encoder(backbone, prefix, suffix)(self.ctx, self.reference_positions)
+        if sampler == "prompts":
+            return Mixture.of_prompts(hidden.float(), bandwidth)
+        if sampler != "gaussian":
+            raise UserError(f"sampler must be gaussian or prompts, not '{sampler}'")
         return Gaussian.from_hidden(hidden.float())
 
 

@@ -120,8 +120,11 @@ def denoising_loss(
 
 
 def orthogonality_loss(features: torch.Tensor) -> torch.Tensor:
-    """Mean squared cosine similarity between distinct prompts' EOS features (K, d): sum over i != j / K(K-1)."""
+    """Mean squared cosine similarity between distinct prompts' EOS features (K, d): sum over i != j / K(K-1);
+    zero for a single prompt."""
     count = features.shape[0]
+    if count < 2:
+        return features.sum() * 0.0
     unit = F.normalize(features.float(), dim=-1)
     similarity = unit @ unit.T
     off_diagonal = similarity - torch.diag(torch.diagonal(similarity))

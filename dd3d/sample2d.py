@@ -138,8 +138,8 @@ def view_suffix(suffix: str, view: str | None) -> str:
 
 
 def build_sampler(cfg: DictConfig, backbone, view: str | None = None) -> Gaussian | Mixture:
-    """Fit each distribution under the generation template (its suffix extended by ", <view> view" when a view is
-    given), apply its std scale, then blend or mix them."""
+    """Fit each distribution's sampler (cfg.sampler) under the generation template (its suffix extended by
+    ", <view> view" when a view is given), apply its std scale, then blend or mix them."""
     count = len(cfg.dists)
     scales = list(cfg.std_scale)
     if len(scales) == 1:
@@ -151,14 +151,16 @@ def build_sampler(cfg: DictConfig, backbone, view: str | None = None) -> Gaussia
     weights = normalised_weights(list(cfg.weights) if cfg.weights is not None else [1.0] * count, count)
     if cfg.mix not in ("blend", "mixture"):
         raise UserError(f"mix must be blend or mixture, not '{cfg.mix}'")
-    gaussians = []
+    fitted = []
     for path, scale in zip(cfg.dists, scales):
         dist = load_distribution(path, backbone, cfg.class_index)
         suffix = view_suffix(dist.suffix if cfg.suffix is None else cfg.suffix, view)
-        gaussians.append(dist.fit(backbone, cfg.prefix, suffix).scaled(scale))
+        fitted.append(dist.fit(backbone, cfg.prefix, suffix, cfg.sampler, cfg.sampler_bandwidth).scaled(scale))
+    if count == 1:
+        return fitted[0]
     if cfg.mix == "mixture":
-        return Mixture(gaussians, weights.float())
-    return blend(gaussians, weights) if count > 1 else gaussians[0]
+        return Mixture.combine(fitted, weights.float())
+    return blend([f.moment_matched() if isinstance(f, Mixture) else f for f in fitted], weights)
 
 
 # --- noise: a stream per image ------------------------------------------------------------------------------------

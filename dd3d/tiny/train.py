@@ -638,11 +638,12 @@ REFERENCE_SETS = {
 }
 
 
-def write_reference_set(folder: Path, name: str, resolution: int = 64) -> list[dict]:
-    """Render the bundled reference set `name` (REFERENCE_SETS) into `folder`: numbered PNGs and a README."""
+def write_reference_set(folder: Path, name: str, resolution: int = 64, spec: dict | None = None) -> list[dict]:
+    """Render the reference set `name` (its `spec`, by default the bundled REFERENCE_SETS[name]) into `folder`:
+    numbered PNGs and a README with the world labels of each."""
     from dd3d.tiny.world import render, sample_scenes
 
-    spec = REFERENCE_SETS[name]
+    spec = spec or REFERENCE_SETS[name]
     scenes = sample_scenes(spec["count"], spec["seed"], kinds=spec["kinds"], colours=spec["colours"],
                            scale_range=spec["scale_range"], overhead_share=spec["overhead_share"],
                            camera=spec["camera"])
