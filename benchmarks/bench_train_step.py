@@ -26,7 +26,7 @@ from dd3d.learn import PromptLearner, step_generator, training_losses  # noqa: E
 from dd3d.prompts import SoftPromptEncoder  # noqa: E402
 from dd3d.tiny.build import save_tiny_model  # noqa: E402
 
-TRAIN = OmegaConf.create({"batch_size": 4, "num_samples": 4, "min_snr_gamma": 5.0, "ortho_weight": 1e-3})
+TRAIN = OmegaConf.load(Path(__file__).resolve().parent.parent / "configs" / "train_distribution.yaml").train
 
 
 def time_steps(backbone: Backbone, latent_size: int, steps: int, autocast_dtype) -> float:

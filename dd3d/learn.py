@@ -53,6 +53,8 @@ CONFIG_RANGES = {
     "train.grad_clip": (">", 0),
     "train.min_snr_gamma": (">=", 0),
     "train.ortho_weight": (">=", 0),
+    "train.bandwidth": (">=", 0),
+    "train.relax": (">=", 0, "<=", 1),
     "augment.crops": (">=", 0),
     "augment.crop_scale": (">", 0, "<=", 1),
     "checkpoint_every": (">=", 1),
@@ -94,6 +96,18 @@ def min_snr_weights(backbone: Backbone, t: torch.Tensor, gamma: float) -> torch.
     return clipped
 
 
+def prompt_draws(hidden: torch.Tensor, prompt_eps: torch.Tensor, picks: torch.Tensor | None = None,
+                 bandwidth: float = 0.5) -> torch.Tensor:
+    """The (B * M, 77, d) prompt embeddings of one step. The paper's: `mean + eps * std` of the Gaussian over the K
+    prompts' encoder outputs hidden (K, 77, d). With picks (B, M), prompt indices: the picked prompts' own encodings
+    plus `bandwidth * eps * std` (the draws of the prompt-mixture sampler)."""
+    gaussian = Gaussian.from_hidden(hidden)
+    eps = prompt_eps.to(hidden)
+    if picks is None:
+        return (gaussian.mean + eps * gaussian.std).flatten(0, 1)
+    return (hidden[picks.to(hidden.device)] + bandwidth * eps * gaussian.std).flatten(0, 1)
+
+
 def denoising_loss(
     backbone: Backbone,
     hidden: torch.Tensor,
@@ -102,21 +116,29 @@ def denoising_loss(
     t: torch.Tensor,
     prompt_eps: torch.Tensor,
     min_snr_gamma: float,
+    picks: torch.Tensor | None = None,
+    bandwidth: float = 0.5,
+    relax: float = 0.1,
 ) -> torch.Tensor:
-    """Mean denoising loss of M reparameterised prompt draws per latent.
+    """Mean denoising loss of M prompt draws per latent.
 
     hidden (K, 77, d): the K prompts' encoder outputs; latents/noise (B, C, h, w) and t (B,) are shared by the
-    M draws of each latent; prompt_eps (B, M, 77, d) are the standard-normal draws for `mean + eps * std`.
+    M draws of each latent; prompt_eps (B, M, 77, d) are the standard-normal draws (see `prompt_draws`). The
+    paper's objective averages the M losses. With picks (the `specialise` objective), each latent counts mostly its
+    best-fitting draw -- (1 - relax) * min + relax * mean over M (relaxed winner-takes-all) -- so prompts specialise
+    on the references they fit instead of all fitting their average.
     """
-    gaussian = Gaussian.from_hidden(hidden)
     draws = prompt_eps.shape[1]
-    embeddings = (gaussian.mean + prompt_eps.to(hidden) * gaussian.std).flatten(0, 1)
+    embeddings = prompt_draws(hidden, prompt_eps, picks, bandwidth)
     latents, noise, t = (x.repeat_interleave(draws, dim=0) for x in (latents, noise, t))
     noisy = backbone.add_noise(latents, noise, t)
     prediction = backbone.predict(noisy, t, embeddings).float()
     target = backbone.training_target(latents, noise, t).float()
     per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * min_snr_weights(backbone, t, min_snr_gamma)).mean()
+    per_sample = (per_sample * min_snr_weights(backbone, t, min_snr_gamma)).view(-1, draws)
+    if picks is None:
+        return per_sample.mean()
+    return ((1 - relax) * per_sample.min(dim=1).values + relax * per_sample.mean(dim=1)).mean()
 
 
 def orthogonality_loss(features: torch.Tensor) -> torch.Tensor:
@@ -143,9 +165,15 @@ def training_losses(learner, backbone: Backbone, latents: torch.Tensor, train_cf
     t = torch.randint(0, backbone.num_train_timesteps, (batch,), generator=generator)
     hidden, eos = learner()
     prompt_eps = torch.randn((batch, draws, *hidden.shape[1:]), generator=generator)
+    if train_cfg.objective not in ("gaussian", "specialise"):
+        raise UserError(f"train.objective must be gaussian or specialise, not '{train_cfg.objective}'")
+    picks = None
+    if train_cfg.objective == "specialise":
+        picks = torch.randint(len(hidden), (batch, draws), generator=generator)
     device = hidden.device
     denoise = denoising_loss(
-        backbone, hidden, picked.to(device), noise.to(device), t.to(device), prompt_eps, train_cfg.min_snr_gamma
+        backbone, hidden, picked.to(device), noise.to(device), t.to(device), prompt_eps, train_cfg.min_snr_gamma,
+        picks, train_cfg.bandwidth, train_cfg.relax,
     )
     ortho = orthogonality_loss(eos)
     return denoise + train_cfg.ortho_weight * ortho, denoise, ortho

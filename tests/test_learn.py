@@ -105,3 +105,60 @@ def test_a_single_prompt_trains_with_finite_gradients(backbone):
     loss = denoising_loss(backbone, hidden, *random_batch(backbone), min_snr_gamma=5.0) + orthogonality_loss(eos)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(learner.ctx.grad).all() and learner.ctx.grad.abs().sum() > 0
+
+
+def synthetic_model(backbone, monkeypatch, modes):
+    """The UNet replaced by one whose error on latent b is (embedding[0, 0] - modes[b]): a two-mode problem whose
+    optimum is known (each reference wants its own prompt value)."""
+    def predict(noisy, steps, embeddings):
+        per_row = modes.repeat_interleave(len(noisy) // len(modes))
+        error = (embeddings[:, 0, 0] - per_row).view(-1, 1, 1, 1)
+        return noisy * 0 + error  # the target below is zero: the loss is error^2 per draw
+
+    monkeypatch.setattr(backbone, "predict", predict)
+    monkeypatch.setattr(backbone, "training_target", lambda latents, noise, t: torch.zeros_like(latents))
+
+
+def test_specialise_counts_the_best_draw_only(backbone, monkeypatch):
+    synthetic_model(backbone, monkeypatch, torch.tensor([0.0, 0.0]))
+    latents, noise, t, prompt_eps = random_batch(backbone, batch=2, draws=2)
+    hidden = torch.zeros(2, 77, 32)
+    hidden[0, 0, 0], hidden[1, 0, 0] = 0.1, 1.0
+    hidden.requires_grad_(True)
+    picks = torch.tensor([[0, 1], [1, 0]])
+    loss = denoising_loss(backbone, hidden, latents, noise, t, prompt_eps, 0.0, picks, bandwidth=0.0, relax=0.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.01, rel=1e-4)  # both latents count only prompt 0's error 0.1^2
+    assert hidden.grad[0, 0, 0] > 0 and hidden.grad[1].abs().sum() == 0
+
+
+@pytest.mark.parametrize("objective", ["gaussian", "specialise"])
+def test_two_mode_references(objective, backbone, monkeypatch):
+    """References in two modes (+1 and -1): the paper's Gaussian learns their average, prompts trained with the
+    specialise objective split between the two modes."""
+    from omegaconf import OmegaConf
+
+    from dd3d.distribution import Mixture
+    from dd3d.learn import training_losses
+
+    synthetic_model(backbone, monkeypatch, torch.tensor([1.0, -1.0, 1.0, -1.0]))
+    hidden = torch.nn.Parameter(0.02 * torch.randn(8, 77, 32, generator=torch.Generator().manual_seed(0)))
+    learner = lambda: (hidden, hidden[:, 0])  # noqa: E731  (the encoder is not what this tests)
+    cfg = OmegaConf.create({"batch_size": 4, "num_samples": 4, "min_snr_gamma": 0.0, "ortho_weight": 0.0,
+                            "objective": objective, "bandwidth": 0.5, "relax": 0.1})
+    optimizer = torch.optim.Adam([hidden], lr=0.03)
+    latents = torch.zeros(4, 4, 8, 8)
+    for step in range(300):
+        # fixed order: latent b of the batch is reference b, so modes line up with the synthetic model
+        monkeypatch.setattr(torch, "randperm", lambda n, generator=None: torch.arange(n))
+        loss, _, _ = training_losses(learner, backbone, latents, cfg, torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    values = hidden.detach()[:, 0, 0]
+    if objective == "gaussian":
+        assert values.mean().abs() < 0.3  # one blended instance between the modes
+    else:
+        mixture = Mixture.of_prompts(hidden.detach(), 0.5)
+        means = torch.stack([c.mean[0, 0] for c in mixture.components])
+        assert (means > 0.5).sum() >= 2 and (means < -0.5).sum() >= 2, values  # both modes kept
