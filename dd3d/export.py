@@ -23,10 +23,10 @@ import torch
 import trimesh
 import xatlas
 from PIL import Image
-from tqdm.auto import tqdm
 
 from dd3d.cli import UserError
 from dd3d.files import atomic_write
+from dd3d.progress import tqdm
 
 PointFn = Callable[[torch.Tensor], torch.Tensor]
 

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from dd3d.backbone import Backbone
 from dd3d.cli import (
@@ -32,6 +31,7 @@ from dd3d.cli import (
 from dd3d.data import load_reference_images, training_views
 from dd3d.distribution import Gaussian, PromptDistribution
 from dd3d.files import Checkpoints, atomic_write
+from dd3d.progress import tqdm
 from dd3d.prompts import SoftPromptEncoder
 from dd3d.sample2d import generate, image_grid, make_pipeline
 

@@ -31,7 +31,6 @@ from diffusers import (
 )
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from tqdm.auto import tqdm
 
 from dd3d.cli import CONFIG_DIR, UserError, add_config_arguments, check_ranges, load_config, parse_arguments
 from dd3d.distribution import (
@@ -43,6 +42,7 @@ from dd3d.distribution import (
     normalised_weights,
 )
 from dd3d.files import atomic_write
+from dd3d.progress import tqdm
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,

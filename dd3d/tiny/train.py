@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 
 from dd3d.cli import UserError
 from dd3d.files import atomic_write
+from dd3d.progress import tqdm
 from dd3d.tiny import oracle as oracle_lib
 from dd3d.tiny.build import EMBEDDED_ARCHITECTURE, build_tiny_pipeline
 from dd3d.tiny.world import COLOUR_NAMES, KINDS, VIEWS, caption, captions_for, render_dataset
