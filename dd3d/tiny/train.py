@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -34,82 +33,15 @@ from dd3d.cli import UserError
 from dd3d.files import atomic_write
 from dd3d.progress import tqdm
 from dd3d.tiny import oracle as oracle_lib
-from dd3d.tiny.build import EMBEDDED_ARCHITECTURE, build_tiny_pipeline
+from dd3d.tiny.build import build_tiny_pipeline
+from dd3d.tiny.recipe import RUN_KEYS, Recipe, keyed_generator, load_recipe
 from dd3d.tiny.world import COLOUR_NAMES, KINDS, VIEWS, caption, captions_for, render_dataset
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
 
 
-@dataclass
-class Recipe:
-    """Everything that decides the trained model. Defaults: the shipped model's recipe."""
-
-    seed: int = 0
-    train_images: int = 20000
-    heldout_images: int = 1000
-    resolution: int = 32
-    # oracle
-    oracle_steps: int = 800
-    oracle_batch: int = 128
-    oracle_lr: float = 2e-3
-    # VAE
-    vae_steps: int = 1000
-    vae_batch: int = 32
-    vae_lr: float = 3e-3
-    vae_kl_weight: float = 1e-6
-    vae_colour_weight: float = 3.0
-    vae_initial_logvar: float = -8.0
-    # text encoder + UNet
-    unet_steps: int = 2500
-    unet_restart_steps: int = 2000  # after unet_steps, warm restarts: cosine cycles of this many steps,
-    unet_restart_cycles: int = 2  # this many,
-    unet_restart_lr_factor: float = 0.5  # each starting at this fraction of the base LRs
-    unet_batch: int = 64
-    unet_lr: float = 5e-4
-    text_lr: float = 5e-4
-    warmup_steps: int = 200
-    weight_decay: float = 1e-2
-    ema_decay: float = 0.999
-    caption_dropout: float = 0.1
-    min_snr_gamma: float = 5.0
-    grad_clip: float = 1.0
-    prediction_type: str = "epsilon"
-    # evaluation of the exported model
-    eval_images_per_prompt: int = 4
-    eval_steps: int = 25
-    eval_guidance: float = 7.5
-    checkpoint_every: int = 200
-    architecture: dict = field(default_factory=lambda: dict(EMBEDDED_ARCHITECTURE))
-
-    @property
-    def unet_total_steps(self) -> int:
-        return self.unet_steps + self.unet_restart_cycles * self.unet_restart_steps
-
-    def unet_lr_factor(self, step: int) -> float:
-        """Warm-up and cosine decay over unet_steps, then each restart cycle: cosine from unet_restart_lr_factor
-        down to 10%."""
-        if step < self.unet_steps:
-            return _lr_factor(step, self.warmup_steps, self.unet_steps)
-        cycle_step = (step - self.unet_steps) % max(1, self.unet_restart_steps)
-        progress = cycle_step / max(1, self.unet_restart_steps)
-        return 0.1 + (self.unet_restart_lr_factor - 0.1) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _generator(*keys: int) -> torch.Generator:
-    state = np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
 def _save_torch(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to 10%."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 class Trainer:
@@ -220,7 +152,7 @@ class Trainer:
         images = train["images"]
         with tqdm(total=recipe.vae_steps, initial=step, desc="vae") as bar:
             while step < recipe.vae_steps:
-                generator = _generator(recipe.seed, 3, step)
+                generator = keyed_generator(recipe.seed, 3, step)
                 index = torch.randint(len(images), (recipe.vae_batch,), generator=generator)
                 pixels = oracle_lib.as_pixels(images[index]).to(self.device)
                 posterior = vae.encode(pixels).latent_dist
@@ -232,7 +164,7 @@ class Trainer:
                 loss = loss + recipe.vae_colour_weight * F.mse_loss(F.avg_pool2d(decoded, 4), F.avg_pool2d(pixels, 4))
                 loss = loss + recipe.vae_kl_weight * posterior.kl().mean()
                 for group in optimiser.param_groups:
-                    group["lr"] = recipe.vae_lr * _lr_factor(step, recipe.warmup_steps, recipe.vae_steps)
+                    group["lr"] = recipe.vae_lr * recipe.vae_lr_factor(step)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(vae.parameters(), recipe.grad_clip)
@@ -320,7 +252,7 @@ class Trainer:
         live_params = list(modules.parameters())
         with tqdm(total=recipe.unet_total_steps, initial=step, desc="text encoder + unet") as bar:
             while step < until:
-                generator = _generator(recipe.seed, 5, step)
+                generator = keyed_generator(recipe.seed, 5, step)
                 rng = np.random.default_rng([recipe.seed, 5, step])
                 index = torch.randint(count, (recipe.unet_batch,), generator=generator)
                 texts = captions_for(train["kind"][index], train["colour"][index], train["view"][index],
@@ -454,7 +386,7 @@ def generate_images(pipeline: StableDiffusionPipeline, prompts: list[str], steps
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        generators = [_generator(seed, 6, start + i) for i in range(len(chunk))]
+        generators = [keyed_generator(seed, 6, start + i) for i in range(len(chunk))]
         images += pipeline(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
     return images
 
@@ -689,15 +621,6 @@ Re-create with `python scripts/train_tiny_backbone.py --reference-sets`.
 
 # --- command line ------------------------------------------------------------------------------------------------------
 
-@dataclass
-class RunConfig(Recipe):
-    """The recipe plus how to treat an existing work folder."""
-
-    resume: bool = False
-    overwrite: bool = False
-
-
-RUN_KEYS = ("resume", "overwrite")
 WORK_FILES = ("config.yaml", "timings.json", "data", "oracle", "checkpoints")  # what a run writes in its work folder
 
 
@@ -747,32 +670,6 @@ def main(argv=None) -> None:
         f"kind {quality['plain']['kind_accuracy']:.1%}, colour {quality['plain']['colour_accuracy']:.1%}, "
         f"view {quality['view']['view_accuracy']:.1%}"
     )
-
-
-def load_recipe(config_path: Path | None, overrides: list[str], out: Path) -> dict:
-    """Recipe defaults, then (when resuming) the run's saved recipe, then --config, then key=value overrides."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    cfg = OmegaConf.structured(RunConfig)
-    try:
-        layers = []
-        bad = [item for item in overrides if "=" not in item]
-        if bad:
-            raise UserError(f"override '{bad[0]}' is not of the form key=value")
-        dotlist = OmegaConf.from_dotlist(overrides)
-        saved = Path(out) / "config.yaml"
-        if dotlist.get("resume") and saved.is_file():
-            layers.append(OmegaConf.load(saved))
-        if config_path is not None:
-            if not config_path.is_file():
-                raise UserError(f"config file {config_path} does not exist")
-            layers.append(OmegaConf.load(config_path))
-        layers.append(dotlist)
-        for layer in layers:
-            cfg = OmegaConf.merge(cfg, layer)
-    except OmegaConfBaseException as err:
-        raise UserError(f"bad configuration: {str(err).splitlines()[0]}") from None
-    return OmegaConf.to_container(cfg)
 
 
 USAGE = """Train dd3d's embedded default model (dd3d/tiny/model) from scratch on its procedural world.
