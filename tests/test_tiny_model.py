@@ -9,7 +9,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from dd3d.backbone import DEFAULT_MODEL, Backbone
 from dd3d.tiny.oracle import Oracle, accuracy
-from dd3d.tiny.train import folder_size, generate_images, measure_quality
+from dd3d.tiny.quality import generate_images, measure_quality
+from dd3d.tiny.train import folder_size
 from dd3d.tiny.world import COLOUR_NAMES, KINDS, caption, render_dataset
 
 pytestmark = pytest.mark.skipif(
