@@ -52,7 +52,7 @@ METRICS = ("kind", "colour", "view", "size")
 def reference_folder(name: str, work: Path) -> Path:
     if name in BUNDLED:
         return ROOT / "examples" / "refs" / name
-    from dd3d.tiny.train import write_reference_set
+    from dd3d.tiny.reference_sets import write_reference_set
 
     folder = work / "sets" / name
     if not (folder / "README.md").is_file():
