@@ -1,15 +1,19 @@
-"""Train the embedded default model from scratch on the procedural world, and its oracle.
+"""Train the embedded default model from scratch on the procedural world, and its oracle; the command line of
+scripts/train_tiny_backbone.py.
 
-Stages, each resumable (its results and checkpoints live in the work folder, written atomically):
+Stages of a `Recipe` (`dd3d.tiny.recipe`), each resumable (its results and checkpoints live in the work folder, written
+atomically):
   1. render the training set and a held-out set (`dd3d.tiny.world`)
-  2. train the oracle (kind / colour / view classifier) and measure it on the held-out renders
+  2. train the oracle (kind / colour / view classifier, `dd3d.tiny.oracle`) and measure it on the held-out renders
   3. train the VAE (AutoencoderKL) on the training images; set its latent scaling factor
   4. encode the training images to latents once
   5. train the text encoder (CLIPTextModel) and the UNet (UNet2DConditionModel) jointly, with EMA weights
   6. export a StableDiffusionPipeline folder (EMA weights) with the oracle beside it, measure the quality bars with
-     the oracle, write metrics.json and the model card, then move the folder into place in one step
+     the oracle (`dd3d.tiny.quality`), write metrics.json and the model card (`dd3d.tiny.model_card`), then move the
+     folder into place in one step
 
-Every random draw is a function of (seed, stage, step), so a killed run resumes to the same result.
+Every random draw is a function of (seed, stage, step), so a killed run resumes to the same result. The command line
+also rewrites the model card alone, or the bundled reference sets (`dd3d.tiny.reference_sets`).
 """
 
 from __future__ import annotations
