@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from omegaconf import OmegaConf
 
+from dd3d.backbone import DEFAULT_MODEL
 from dd3d.cli import UserError
 from dd3d.files import atomic_write
 from dd3d.progress import tqdm
@@ -43,8 +44,6 @@ from dd3d.tiny.recipe import RUN_KEYS, Recipe, keyed_generator, load_recipe
 from dd3d.tiny.reference_sets import REFERENCE_SETS, REFS_DIR, write_reference_set
 from dd3d.tiny.world import captions_for, render_dataset
 
-MODEL_DIR = Path(__file__).resolve().parent / "model"
-
 
 def _save_torch(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
@@ -53,7 +52,7 @@ def _save_torch(path: Path, obj) -> None:
 class Trainer:
     """The stages above over one work folder."""
 
-    def __init__(self, work: Path, recipe: Recipe, model_dir: Path = MODEL_DIR, device: str = "cpu", log=print):
+    def __init__(self, work: Path, recipe: Recipe, model_dir: Path = DEFAULT_MODEL, device: str = "cpu", log=print):
         self.work = Path(work)
         self.device = torch.device(device)
         self.recipe = recipe
@@ -356,8 +355,8 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("outputs/tiny-backbone"),
                         help="work folder: data, checkpoints, oracle (default: outputs/tiny-backbone)")
-    parser.add_argument("--model-dir", type=Path, default=MODEL_DIR,
-                        help=f"where the finished model goes (default: {MODEL_DIR})")
+    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL,
+                        help=f"where the finished model goes (default: {DEFAULT_MODEL})")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
