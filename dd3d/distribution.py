@@ -14,7 +14,8 @@ from dd3d.files import atomic_write
 from dd3d.prompts import SoftPromptEncoder
 
 FILE_KIND = "dd3d-prompt-distribution"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added the optional per-prompt `weights` and the `sampler` metadata; 1 is still read
+SAMPLERS = ("gaussian", "prompts")
 
 
 @dataclass
@@ -73,12 +74,13 @@ class Mixture:
     weights: torch.Tensor
 
     @classmethod
-    def of_prompts(cls, hidden: torch.Tensor, bandwidth: float) -> "Mixture":
+    def of_prompts(cls, hidden: torch.Tensor, bandwidth: float, weights: torch.Tensor | None = None) -> "Mixture":
         """One component per prompt, centred on its encoder output (K, 77, d), all with the spread `bandwidth` times
-        the K prompts' std: the prompts' modes stay apart instead of blending into one Gaussian."""
+        the K prompts' std: the prompts' modes stay apart instead of blending into one Gaussian. Weights (K,) are
+        the prompts' shares (uniform when None)."""
         spread = Gaussian.from_hidden(hidden).std * bandwidth
-        weights = torch.full((len(hidden),), 1.0 / len(hidden))
-        return cls([Gaussian(row, spread) for row in hidden], weights)
+        weights = torch.full((len(hidden),), 1.0 / len(hidden)) if weights is None else weights / weights.sum()
+        return cls([Gaussian(row, spread) for row in hidden], weights.float())
 
     @property
     def mean(self) -> torch.Tensor:
@@ -128,6 +130,8 @@ class PromptDistribution:
     model_id: str
     fingerprint: str
     reference_positions: bool = False  # imported from the reference code: fixed tokens positioned twice
+    weights: torch.Tensor | None = None  # (K,) each prompt's share of the references (specialise objective)
+    sampler: str = "gaussian"  # the sampler `sampler=auto` picks for this distribution
 
     @property
     def num_prompts(self) -> int:
@@ -149,8 +153,11 @@ class PromptDistribution:
             "model_id": self.model_id,
             "text_encoder_fingerprint": self.fingerprint,
             "reference_positions": str(self.reference_positions).lower(),
+            "sampler": self.sampler,
         }
         tensors = {"ctx": self.ctx.detach().to("cpu", torch.float32).contiguous()}
+        if self.weights is not None:
+            tensors["weights"] = self.weights.detach().to("cpu", torch.float32).contiguous()
         atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     @classmethod
@@ -161,7 +168,8 @@ class PromptDistribution:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
-            ctx = load_file(str(path))["ctx"]
+            tensors = load_file(str(path))
+            ctx = tensors["ctx"]
         except (SafetensorError, OSError, KeyError) as err:
             raise UserError(f"{path} is not a readable dd3d distribution file ({err})") from None
         if metadata.get("kind") != FILE_KIND:
@@ -175,6 +183,8 @@ class PromptDistribution:
             model_id=metadata["model_id"],
             fingerprint=metadata["text_encoder_fingerprint"],
             reference_positions=metadata.get("reference_positions") == "true",
+            weights=tensors.get("weights"),
+            sampler=metadata.get("sampler", "gaussian"),
         )
 
     def check_backbone(self, backbone) -> None:
@@ -201,13 +211,14 @@ class PromptDistribution:
     def fit(self, backbone, prefix: str | None = None, suffix: str | None = None, sampler: str = "gaussian",
             bandwidth: float = 0.5) -> Gaussian | Mixture:
         """Encode the K contexts under a template and fit the sampler to their encoder outputs: the paper's one
-        diagonal Gaussian (`gaussian`), or a mixture with one component per prompt (`prompts`, see
-        Mixture.of_prompts)."""
+        diagonal Gaussian (`gaussian`), a mixture with one component per prompt weighted by the prompts' shares
+        (`prompts`, see Mixture.of_prompts), or the one the distribution was learned for (`auto`)."""
+        sampler = self.sampler if sampler == "auto" else sampler
+        if sampler not in SAMPLERS:
+            raise UserError(f"sampler must be auto, {' or '.join(SAMPLERS)}, not '{sampler}'")
         hidden, _ = self.encoder(backbone, prefix, suffix)(self.ctx, self.reference_positions)
         if sampler == "prompts":
-            return Mixture.of_prompts(hidden.float(), bandwidth)
-        if sampler != "gaussian":
-            raise UserError(f"sampler must be gaussian or prompts, not '{sampler}'")
+            return Mixture.of_prompts(hidden.float(), bandwidth, self.weights)
         return Gaussian.from_hidden(hidden.float())
 
 

@@ -55,6 +55,7 @@ CONFIG_RANGES = {
     "train.ortho_weight": (">=", 0),
     "train.bandwidth": (">=", 0),
     "train.relax": (">=", 0, "<=", 1),
+    "train.share_draws": (">=", 1),
     "augment.crops": (">=", 0),
     "augment.crop_scale": (">", 0, "<=", 1),
     "checkpoint_every": (">=", 1),
@@ -139,6 +140,31 @@ def denoising_loss(
     if picks is None:
         return per_sample.mean()
     return ((1 - relax) * per_sample.min(dim=1).values + relax * per_sample.mean(dim=1)).mean()
+
+
+@torch.no_grad()
+def prompt_shares(backbone: Backbone, hidden: torch.Tensor, latents: torch.Tensor, train_cfg, seed: int,
+                  chunk: int = 64) -> torch.Tensor:
+    """Each prompt's share of the reference views (K,): the fraction of views whose denoising loss, summed over
+    train.share_draws noise/timestep draws shared by all prompts, is lowest under that prompt. Prompts that fit no
+    reference get zero weight in the prompt-mixture sampler."""
+    generator = torch.Generator().manual_seed(seed)
+    device, count = hidden.device, len(latents)
+    losses = torch.zeros(len(hidden), count)
+    for _ in range(train_cfg.share_draws):
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(0, backbone.num_train_timesteps, (count,), generator=generator)
+        for start in range(0, count, chunk):
+            part = slice(start, start + chunk)
+            clean, eps, steps = latents[part].to(device), noise[part].to(device), t[part].to(device)
+            noisy = backbone.add_noise(clean, eps, steps)
+            target = backbone.training_target(clean, eps, steps).float()
+            weights = min_snr_weights(backbone, steps, train_cfg.min_snr_gamma)
+            for k, row in enumerate(hidden):
+                prediction = backbone.predict(noisy, steps, row.expand(len(noisy), -1, -1)).float()
+                error = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+                losses[k, part] += (error * weights).cpu()
+    return torch.bincount(losses.argmin(dim=0), minlength=len(hidden)).float() / count
 
 
 def orthogonality_loss(features: torch.Tensor) -> torch.Tensor:
@@ -300,12 +326,20 @@ def train(cfg: DictConfig) -> Path:
 
     path = out / "distribution.safetensors"
     if main:
+        specialised = cfg.train.objective == "specialise"
+        if specialised:
+            with accelerator.autocast():
+                hidden, _ = plain_learner()
+                shares = prompt_shares(backbone, hidden, latents, cfg.train, cfg.seed)
+            log.write("prompt shares " + " ".join(f"{share:.3f}" for share in shares.tolist()) + "\n")
         PromptDistribution(
             ctx=plain_learner.ctx.detach().float().cpu(),
             prefix=prompt.prefix,
             suffix=prompt.suffix,
             model_id=backbone.model_id,
             fingerprint=backbone.fingerprint,
+            weights=shares if specialised else None,
+            sampler="prompts" if specialised else "gaussian",
         ).save(path)
         log.write(f"wrote {path}\n")
         log.close()

@@ -138,7 +138,7 @@ def view_suffix(suffix: str, view: str | None) -> str:
 
 
 def build_sampler(cfg: DictConfig, backbone, view: str | None = None) -> Gaussian | Mixture:
-    """Fit each distribution's sampler (cfg.sampler, the paper's Gaussian when the config has none) under the
+    """Fit each distribution's sampler (cfg.sampler; `auto` when the config has none) under the
     generation template (its suffix extended by ", <view> view" when a view is given), apply its std scale, then
     blend or mix them."""
     count = len(cfg.dists)
@@ -156,7 +156,7 @@ def build_sampler(cfg: DictConfig, backbone, view: str | None = None) -> Gaussia
     for path, scale in zip(cfg.dists, scales):
         dist = load_distribution(path, backbone, cfg.class_index)
         suffix = view_suffix(dist.suffix if cfg.suffix is None else cfg.suffix, view)
-        kind, bandwidth = cfg.get("sampler", "gaussian"), cfg.get("sampler_bandwidth", 0.5)
+        kind, bandwidth = cfg.get("sampler", "auto"), cfg.get("sampler_bandwidth", 0.5)
         sampler = dist.fit(backbone, cfg.prefix, suffix, kind, bandwidth)
         fitted.append(sampler.scaled(scale))
     if count == 1:

@@ -116,3 +116,23 @@ def test_single_prompt_has_zero_spread():
     hidden = torch.randn(1, 77, 8)
     gaussian = Gaussian.from_hidden(hidden)
     assert torch.equal(gaussian.mean, hidden[0]) and not gaussian.std.any()
+
+
+def test_format_2_round_trip_with_prompt_shares_and_version_1_files_still_load(backbone, tmp_path):
+    dist = make_distribution(backbone, k=4)
+    dist.weights, dist.sampler = torch.tensor([0.5, 0.5, 0.0, 0.0]), "prompts"
+    dist.save(tmp_path / "v2.safetensors")
+    loaded = PromptDistribution.load(tmp_path / "v2.safetensors")
+    assert torch.equal(loaded.weights, dist.weights) and loaded.sampler == "prompts"
+    mixture = loaded.fit(backbone, sampler="auto")
+    assert isinstance(mixture, Mixture) and torch.equal(mixture.weights, torch.tensor([0.5, 0.5, 0.0, 0.0]))
+    # A zero-share prompt is never drawn.
+    _, chosen = mixture.apply(torch.zeros(200, 77, 32), torch.rand(200, generator=torch.Generator().manual_seed(0)))
+    assert set(chosen.tolist()) == {0, 1}
+    # A version-1 file (written before weights and the sampler field) loads as the paper's Gaussian.
+    metadata = {"kind": "dd3d-prompt-distribution", "format_version": "1", "prefix": "a", "suffix": "house",
+                "num_prompts": "4", "n_ctx": "4", "hidden_size": "32", "model_id": "tiny",
+                "text_encoder_fingerprint": backbone.fingerprint, "reference_positions": "false"}
+    save_file({"ctx": dist.ctx.contiguous()}, str(tmp_path / "v1.safetensors"), metadata=metadata)
+    old = PromptDistribution.load(tmp_path / "v1.safetensors")
+    assert old.weights is None and isinstance(old.fit(backbone, sampler="auto"), Gaussian)

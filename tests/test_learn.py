@@ -139,7 +139,7 @@ def test_two_mode_references(objective, backbone, monkeypatch):
     from omegaconf import OmegaConf
 
     from dd3d.distribution import Mixture
-    from dd3d.learn import training_losses
+    from dd3d.learn import prompt_shares, training_losses
 
     synthetic_model(backbone, monkeypatch, torch.tensor([1.0, -1.0, 1.0, -1.0]))
     hidden = torch.nn.Parameter(0.02 * torch.randn(8, 77, 32, generator=torch.Generator().manual_seed(0)))
@@ -162,3 +162,7 @@ def test_two_mode_references(objective, backbone, monkeypatch):
         mixture = Mixture.of_prompts(hidden.detach(), 0.5)
         means = torch.stack([c.mean[0, 0] for c in mixture.components])
         assert (means > 0.5).sum() >= 2 and (means < -0.5).sum() >= 2, values  # both modes kept
+        # Each prompt's share of the references: half the references want +1, half -1.
+        shares = prompt_shares(backbone, hidden.detach(), latents, OmegaConf.merge(cfg, {"share_draws": 2}), 0)
+        assert shares.sum() == pytest.approx(1.0)
+        assert shares[values > 0].sum() == pytest.approx(0.5) and shares[values < 0].sum() == pytest.approx(0.5)

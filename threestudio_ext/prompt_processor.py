@@ -39,7 +39,7 @@ class DistributionPromptProcessor(PromptProcessor):
         weights: Optional[List[float]] = None
         mix: str = "blend"  # blend | mixture, as in scripts/sample2d.py
         std_scale: List[float] = field(default_factory=lambda: [1.0])
-        sampler: str = "gaussian"  # gaussian (the paper) | prompts (one component per learned prompt)
+        sampler: str = "auto"  # auto (as learned) | gaussian (the paper) | prompts (one component per prompt)
         sampler_bandwidth: float = 0.5
         prefix: Optional[str] = None  # null = the training template
         suffix: Optional[str] = None
