@@ -8,7 +8,8 @@ from diffusers import StableDiffusionPipeline
 
 from dd3d.cli import UserError
 from dd3d.tiny.oracle import Oracle
-from dd3d.tiny.train import Recipe, Trainer, main
+from dd3d.tiny.recipe import Recipe
+from dd3d.tiny.train import Trainer, main
 
 TOY_ARCHITECTURE = dict(width=32, image_size=16, unet_channels=(32, 64), unet_attention=(True, True), unet_heads=2,
                         vae_channels=(16, 32), vae_mid_attention=False)
