@@ -172,13 +172,15 @@ def main() -> None:
     oracle, backbone = Oracle.load(), Backbone.load(None)
     started = time.time()
     results = {}
+    path = args.work / "results.json"
     for name in args.sets:
         results[name] = evaluate_set(name, args, oracle, backbone, variants)
+        print(table({name: results[name]}), flush=True)  # each set as it finishes: a cut-off run still reports
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
+                                   indent=2))
     print(f"\n{table(results)}\n\n{len(args.sets)} sets x {len(args.seeds)} seeds, {args.steps} stage-1 steps, "
           f"{args.n} samples each: {time.time() - started:.0f} s")
-    path = args.work / "results.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
     print(f"wrote {path}")
 
 
