@@ -164,11 +164,11 @@ def step_env(check: Check) -> str:
     for name in ("diffusers", "transformers", "accelerate"):
         check.note(name, probe_import(name)[1])
 
+    from dd3d.backbone import model_dtype
     from dd3d.cli import load_config
     from dd3d.gen3d import Scene
     from dd3d.learn import PRECISION_DTYPES, resolve_precision
     from dd3d.nerf.renderer import nerfacc_available
-    from dd3d.sample2d import model_dtype
 
     check.note("tinycudann", probe_import("tinycudann")[1])
     found, text = probe_import("nerfacc")

@@ -8,7 +8,19 @@ from pathlib import Path
 import diffusers
 import torch
 import transformers
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from omegaconf import DictConfig
+from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from dd3d.cli import UserError
@@ -17,6 +29,15 @@ diffusers.utils.logging.disable_progress_bar()  # per-component loading bars; th
 transformers.utils.logging.disable_progress_bar()
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "tiny" / "model"
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "dpm": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "pndm": PNDMScheduler,
+    "ddpm": DDPMScheduler,
+}
+MODEL_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_MODEL_ID = "embedded-default"  # what files record as the model when the embedded default was used
 
 
@@ -174,3 +195,69 @@ class Backbone:
             return_tensors="pt",
         ).input_ids.to(self.text_encoder.device)
         return self.text_encoder(ids).last_hidden_state
+
+
+# --- opening a model and sampling it through diffusers ------------------------------------------------------
+
+
+def open_backbone(cfg: DictConfig):
+    """The model named in the config, else the one recorded in the first distribution file, in cfg.dtype."""
+    from dd3d.distribution import PromptDistribution  # the distribution records the model it was learned for
+
+    model = cfg.model
+    if model is None and cfg.dists and Path(cfg.dists[0]).suffix != ".pt":
+        model = PromptDistribution.load(Path(cfg.dists[0])).model_id
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = model_dtype(cfg.dtype, device)
+    return Backbone.load(model, device=device, dtype=dtype, vae_dtype=dtype)
+
+
+def model_dtype(choice: str, device: str) -> torch.dtype:
+    """The frozen model's weights: `auto` is fp16 on CUDA and fp32 on CPU; fp32, fp16 and bf16 work anywhere."""
+    if choice == "auto":
+        return torch.float16 if device == "cuda" else torch.float32
+    if choice not in MODEL_DTYPES:
+        raise UserError(f"dtype must be auto, fp32, fp16 or bf16, not '{choice}'")
+    return MODEL_DTYPES[choice]
+
+
+def make_pipeline(backbone, scheduler: str = "ddim") -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline over the backbone's own frozen components (PyTorch SDPA attention by default)."""
+    if scheduler not in SCHEDULERS:
+        raise UserError(f"scheduler must be one of {', '.join(SCHEDULERS)}, not '{scheduler}'")
+    pipeline = StableDiffusionPipeline(
+        vae=backbone.vae,
+        text_encoder=backbone.text_encoder,
+        tokenizer=backbone.tokenizer,
+        unet=backbone.unet,
+        scheduler=SCHEDULERS[scheduler].from_config(backbone.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@torch.no_grad()
+def generate(
+    pipeline: StableDiffusionPipeline,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor,
+    steps: int,
+    guidance: float,
+    generators: list[torch.Generator],
+    resolution: int,
+) -> list[Image.Image]:
+    """One image per row of prompt_embeds (N, 77, d), each with its own generator for latent (and sampler) noise;
+    negative_embeds (1, 77, d) is the unconditional branch of classifier-free guidance."""
+    dtype = pipeline.unet.dtype
+    return pipeline(
+        prompt_embeds=prompt_embeds.to(pipeline.device, dtype),
+        negative_prompt_embeds=negative_embeds.expand(len(prompt_embeds), -1, -1).to(pipeline.device, dtype),
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=generators,
+        height=resolution,
+        width=resolution,
+    ).images

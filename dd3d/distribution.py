@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file, safe_open
+from safetensors.torch import load_file, safe_open, save_file
 
 from dd3d.cli import UserError
 from dd3d.files import atomic_write

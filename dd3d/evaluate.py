@@ -224,7 +224,7 @@ def exact_captions(labels: dict[str, list[str]], count: int) -> list[str]:
 def text_images(backbone, texts: list[str], seed: int = 0, steps: int = 20, guidance: float = 7.5,
                 batch_size: int = 16) -> list[Image.Image]:
     """One image per prompt text (DDIM, classifier-free guidance against the empty prompt), seeded per image."""
-    from dd3d.sample2d import generate, make_pipeline
+    from dd3d.backbone import generate, make_pipeline
 
     generators = [torch.Generator().manual_seed(seed * 100003 + index) for index in range(len(texts))]
     pipeline, empty = make_pipeline(backbone), backbone.encode_text([""])

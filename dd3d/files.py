@@ -1,13 +1,16 @@
-"""Atomic file writes: a temp file in the same folder, then a rename, so no reader sees half a file."""
+"""Files dd3d writes: atomically (a temp file in the same folder, then a rename, so no reader sees half a file),
+checkpoints, and image grids."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
 from typing import Callable
 
 import torch
+from PIL import Image
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -55,3 +58,14 @@ class Checkpoints:
     def load_latest(self) -> dict | None:
         paths = self.paths()
         return torch.load(paths[-1], map_location="cpu", weights_only=True) if paths else None
+
+
+def image_grid(images: list[Image.Image]) -> Image.Image:
+    """Images of one size tiled into a near-square grid."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    width, height = images[0].size
+    grid = Image.new("RGB", (cols * width, rows * height), "white")
+    for index, image in enumerate(images):
+        grid.paste(image, ((index % cols) * width, (index // cols) * height))
+    return grid

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 
-from dd3d.backbone import Backbone
+from dd3d.backbone import Backbone, generate, make_pipeline
 from dd3d.cli import (
     UserError,
     add_config_arguments,
@@ -30,10 +30,9 @@ from dd3d.cli import (
 )
 from dd3d.data import load_reference_images, training_views
 from dd3d.distribution import Gaussian, PromptDistribution
-from dd3d.files import Checkpoints, atomic_write
+from dd3d.files import Checkpoints, atomic_write, image_grid
 from dd3d.progress import tqdm
 from dd3d.prompts import SoftPromptEncoder
-from dd3d.sample2d import generate, image_grid, make_pipeline
 
 PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RUN_KIND = "train_distribution"

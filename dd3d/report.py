@@ -156,7 +156,7 @@ def _img(image: Image.Image, height: int = 0) -> str:
 
 
 def _strip(images: list[Image.Image], size: int = 64) -> Image.Image:
-    from dd3d.sample2d import image_grid
+    from dd3d.files import image_grid
 
     resized = [image.resize((size, size), Image.NEAREST) for image in images]
     return image_grid(resized) if len(resized) > 8 else _row(resized, size)

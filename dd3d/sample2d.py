@@ -15,23 +15,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-    StableDiffusionPipeline,
-)
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from dd3d.backbone import SCHEDULERS, generate, make_pipeline, open_backbone
 from dd3d.cli import CONFIG_DIR, UserError, add_config_arguments, check_ranges, load_config, parse_arguments
 from dd3d.distribution import (
     Gaussian,
@@ -41,18 +32,9 @@ from dd3d.distribution import (
     import_reference_checkpoint,
     normalised_weights,
 )
-from dd3d.files import atomic_write
+from dd3d.files import atomic_write, image_grid
 from dd3d.progress import tqdm
 
-SCHEDULERS = {
-    "ddim": DDIMScheduler,
-    "dpm": DPMSolverMultistepScheduler,
-    "euler": EulerDiscreteScheduler,
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "pndm": PNDMScheduler,
-    "ddpm": DDPMScheduler,
-}
-MODEL_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROMPT_STREAM, LATENT_STREAM = 0, 1
 NULLABLE = dict.fromkeys(("model", "out", "prefix", "suffix"), "")  # the types of keys whose default is null
 NULLABLE |= {"weights": [0.0], "class_index": 0, "resolution": 0}
@@ -65,59 +47,6 @@ CONFIG_RANGES = {
     "resolution": (">=", 8),
     "describe_topk": (">=", 1),
 }
-
-
-def make_pipeline(backbone, scheduler: str = "ddim") -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline over the backbone's own frozen components (PyTorch SDPA attention by default)."""
-    if scheduler not in SCHEDULERS:
-        raise UserError(f"scheduler must be one of {', '.join(SCHEDULERS)}, not '{scheduler}'")
-    pipeline = StableDiffusionPipeline(
-        vae=backbone.vae,
-        text_encoder=backbone.text_encoder,
-        tokenizer=backbone.tokenizer,
-        unet=backbone.unet,
-        scheduler=SCHEDULERS[scheduler].from_config(backbone.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-@torch.no_grad()
-def generate(
-    pipeline: StableDiffusionPipeline,
-    prompt_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor,
-    steps: int,
-    guidance: float,
-    generators: list[torch.Generator],
-    resolution: int,
-) -> list[Image.Image]:
-    """One image per row of prompt_embeds (N, 77, d), each with its own generator for latent (and sampler) noise;
-    negative_embeds (1, 77, d) is the unconditional branch of classifier-free guidance."""
-    dtype = pipeline.unet.dtype
-    return pipeline(
-        prompt_embeds=prompt_embeds.to(pipeline.device, dtype),
-        negative_prompt_embeds=negative_embeds.expand(len(prompt_embeds), -1, -1).to(pipeline.device, dtype),
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=generators,
-        height=resolution,
-        width=resolution,
-    ).images
-
-
-def image_grid(images: list[Image.Image]) -> Image.Image:
-    """Images of one size tiled into a near-square grid."""
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    width, height = images[0].size
-    grid = Image.new("RGB", (cols * width, rows * height), "white")
-    for index, image in enumerate(images):
-        grid.paste(image, ((index % cols) * width, (index // cols) * height))
-    return grid
 
 
 # --- distributions -> one sampler ------------------------------------------------------------------------------
@@ -190,27 +119,6 @@ def prompt_noise(cfg: DictConfig, index: int, shape: torch.Size) -> tuple[torch.
 
 
 # --- the run -------------------------------------------------------------------------------------------------------
-
-
-def open_backbone(cfg: DictConfig):
-    """The model named in the config, else the one recorded in the first distribution file, in cfg.dtype."""
-    from dd3d.backbone import Backbone
-
-    model = cfg.model
-    if model is None and cfg.dists and Path(cfg.dists[0]).suffix != ".pt":
-        model = PromptDistribution.load(Path(cfg.dists[0])).model_id
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = model_dtype(cfg.dtype, device)
-    return Backbone.load(model, device=device, dtype=dtype, vae_dtype=dtype)
-
-
-def model_dtype(choice: str, device: str) -> torch.dtype:
-    """The frozen model's weights: `auto` is fp16 on CUDA and fp32 on CPU; fp32, fp16 and bf16 work anywhere."""
-    if choice == "auto":
-        return torch.float16 if device == "cuda" else torch.float32
-    if choice not in MODEL_DTYPES:
-        raise UserError(f"dtype must be auto, fp32, fp16 or bf16, not '{choice}'")
-    return MODEL_DTYPES[choice]
 
 
 def render_indices(cfg: DictConfig, backbone, sampler, indices: list[int], progress: bool = False):
