@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
@@ -265,3 +266,49 @@ def import_reference_checkpoint(
         fingerprint=backbone.fingerprint,
         reference_positions=True,
     )
+
+
+# --- distributions -> one sampler (the 2D path, stage 2 and the threestudio extension share it) ----------
+
+
+def load_distribution(path: str, backbone, class_index: int | None) -> PromptDistribution:
+    """A dd3d distribution file, or a reference `.pt` checkpoint imported on the fly."""
+    if Path(path).suffix == ".pt":
+        return import_reference_checkpoint(Path(path), backbone, class_index)
+    return PromptDistribution.load(Path(path))
+
+
+def view_suffix(suffix: str, view: str | None) -> str:
+    """The template suffix for a view label: "made of stone" -> "made of stone, front view"."""
+    if view is None:
+        return suffix
+    return f"{suffix}, {view} view" if suffix else f", {view} view"
+
+
+def build_sampler(cfg: DictConfig, backbone, view: str | None = None) -> Gaussian | Mixture:
+    """Fit each distribution's sampler (cfg.sampler; `auto` when the config has none) under the
+    generation template (its suffix extended by ", <view> view" when a view is given), apply its std scale, then
+    blend or mix them."""
+    count = len(cfg.dists)
+    scales = list(cfg.std_scale)
+    if len(scales) == 1:
+        scales *= count
+    if len(scales) != count:
+        raise UserError(f"{len(scales)} std scales given for {count} distributions")
+    if any(scale < 0 for scale in scales):
+        raise UserError("std scales must not be negative")
+    weights = normalised_weights(list(cfg.weights) if cfg.weights is not None else [1.0] * count, count)
+    if cfg.mix not in ("blend", "mixture"):
+        raise UserError(f"mix must be blend or mixture, not '{cfg.mix}'")
+    fitted = []
+    for path, scale in zip(cfg.dists, scales):
+        dist = load_distribution(path, backbone, cfg.class_index)
+        suffix = view_suffix(dist.suffix if cfg.suffix is None else cfg.suffix, view)
+        kind, bandwidth = cfg.get("sampler", "auto"), cfg.get("sampler_bandwidth", 0.5)
+        sampler = dist.fit(backbone, cfg.prefix, suffix, kind, bandwidth)
+        fitted.append(sampler.scaled(scale))
+    if count == 1:
+        return fitted[0]
+    if cfg.mix == "mixture":
+        return Mixture.combine(fitted, weights.float())
+    return blend([f.moment_matched() if isinstance(f, Mixture) else f for f in fitted], weights)

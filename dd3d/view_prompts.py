@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from dd3d.distribution import Gaussian, Mixture
-from dd3d.sample2d import build_sampler
+from dd3d.distribution import Gaussian, Mixture, build_sampler
 
 VIEWS = ("front", "side", "back", "overhead")
 

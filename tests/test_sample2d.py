@@ -11,8 +11,15 @@ from PIL import Image
 from transformers.masking_utils import create_causal_mask
 
 from dd3d.cli import UserError
-from dd3d.distribution import Gaussian, Mixture, PromptDistribution, blend, import_reference_checkpoint
-from dd3d.sample2d import build_sampler, describe, main, prompt_noise, regenerate, sample
+from dd3d.distribution import (
+    Gaussian,
+    Mixture,
+    PromptDistribution,
+    blend,
+    build_sampler,
+    import_reference_checkpoint,
+)
+from dd3d.sample2d import describe, main, prompt_noise, regenerate, sample
 from tests.conftest import run_cli
 
 CFG = OmegaConf.load("configs/sample2d.yaml")

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from threestudio.models.prompt_processors.base import PromptProcessor
 
 from dd3d.backbone import Backbone
-from dd3d.sample2d import build_sampler
+from dd3d.distribution import build_sampler
 from dd3d.view_prompts import ViewPrompts
 
 
