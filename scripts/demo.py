@@ -56,9 +56,9 @@ def main() -> None:
         "--out",
         str(run),
         "overwrite=true",
-        "steps=300",
-        "checkpoint_every=100",
-        "sample.every=100",
+        "steps=600",
+        "checkpoint_every=200",
+        "sample.every=200",
         "sample.steps=20",
     )
     dist = str(run / "distribution.safetensors")
@@ -68,7 +68,7 @@ def main() -> None:
         dist,
         *model_args,
         "--n",
-        "16",
+        "32",
         "--steps",
         "20",
         "--seed",
