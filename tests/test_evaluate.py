@@ -208,3 +208,17 @@ def test_render_html_is_a_page_with_its_images():
     tags.feed(page)
     assert len(tags.images) == 1 and "met" in page
     assert KINDS  # the world is importable alongside the report
+
+
+def test_the_oracle_reads_the_views_of_the_true_object_on_the_evaluation_orbit():
+    """The 3D view check is meaningful: on the world's own renders from the asset frames' cameras (elevation 15,
+    distance 1.8, fovy 50, 8 azimuths), the oracle reads the camera's view label in most frames."""
+    from dd3d.nerf import orbit_cameras
+    from dd3d.tiny.oracle import Oracle, pil_images
+    from dd3d.tiny.world import render, scenes_from_labels, to_uint8
+
+    cameras = orbit_cameras(ev.FRAMES, 15.0, 1.8, 50.0)
+    scenes = scenes_from_labels(["house"] * ev.FRAMES, ["red"] * ev.FRAMES, 15.0, cameras.azimuth_deg, 1.8, 50.0)
+    labels = ev.read_images(Oracle.load(), pil_images(to_uint8(render(scenes, 64)[0]))).labels
+    assert sum(a == b for a, b in zip(labels["view"], cameras.views)) >= 6
+    assert labels["kind"].count("house") >= 7
