@@ -56,9 +56,9 @@ def main() -> None:
         "--out",
         str(run),
         "overwrite=true",
-        "steps=600",
-        "checkpoint_every=200",
-        "sample.every=200",
+        "steps=300",
+        "checkpoint_every=100",
+        "sample.every=100",
         "sample.steps=20",
     )
     dist = str(run / "distribution.safetensors")

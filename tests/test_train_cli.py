@@ -35,7 +35,9 @@ def test_end_to_end_subprocess(tiny_model, refs, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002.pt", "step-000004.pt"]
     dist = PromptDistribution.load(out / "distribution.safetensors")
     assert dist.ctx.shape == (4, 4, 32)
-    assert set(load_file(str(out / "distribution.safetensors"))) == {"ctx"}
+    tensors = load_file(str(out / "distribution.safetensors"))  # the contexts and each prompt's share, nothing else
+    assert set(tensors) == {"ctx", "weights"} and tensors["weights"].shape == (4,)
+    assert tensors["weights"].sum().item() == pytest.approx(1.0) and dist.sampler == "prompts"
     assert "step 4 loss" in (out / "train.log").read_text()
 
 
