@@ -100,8 +100,10 @@ def test_bad_input_one_line_exit_2_nothing_written(case, message, tiny_model, tm
 
 def test_bf16_mixed_precision_trains_like_fp32(tiny_model, backbone, refs, tmp_path, capsys):
     """The GPU default (frozen model in bf16 under autocast, ctx in fp32) runs on CPU too and learns the same way."""
+    # The paper's smooth objective: under `specialise` a bf16 rounding can flip which draw wins, a discrete change
+    # that says nothing about the precision path's numerics.
     common = ["--images", refs, "--model", tiny_model, "steps=2", *FAST, "sample.every=2", "sample.n=2",
-              "sample.steps=2"]  # the later sample.every wins
+              "sample.steps=2", "train.objective=gaussian"]  # the later sample.every wins
     code, err = cli([*common, "--out", tmp_path / "no", "train.mixed_precision=no"], capsys)
     assert code == 0, err
     # accelerate fixes a process's precision at its first Accelerator: the bf16 run gets its own process.
