@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from tqdm.auto import tqdm
 
 from dd3d.backbone import open_backbone
 from dd3d.cli import (
@@ -36,6 +35,7 @@ from dd3d.cli import (
 from dd3d.export import extract_mesh, write_mesh
 from dd3d.files import Checkpoints, atomic_write
 from dd3d.nerf import NeRFField, OccupancyGrid, VolumeRenderer, camera_rays, orbit_cameras, sample_cameras
+from dd3d.progress import tqdm
 from dd3d.sds import ScoreDistillation, check_timestep_range
 from dd3d.view_prompts import ViewPrompts
 
