@@ -46,6 +46,8 @@ NULLABLE = dict.fromkeys(("prompt", "model", "out", "prefix", "suffix"), "")  # 
 NULLABLE |= {"weights": [0.0], "class_index": 0, "guidance.grad_clip": 0.0, "export.threshold": 0.0}
 NULLABLE |= dict.fromkeys(("export.resolution", "export.texture", "export.face_budget"), 0)
 CONFIG_RANGES = {
+    "sampler": ("in", ("auto", "gaussian", "prompts")),
+    "sampler_bandwidth": (">=", 0),
     "seed": (">=", 0),
     "steps": (">=", 1),
     "num_samples": (">=", 1),

@@ -52,6 +52,7 @@ CONFIG_RANGES = {
     "train.grad_clip": (">", 0),
     "train.min_snr_gamma": (">=", 0),
     "train.ortho_weight": (">=", 0),
+    "train.objective": ("in", ("gaussian", "specialise")),
     "train.bandwidth": (">=", 0),
     "train.relax": (">=", 0, "<=", 1),
     "train.share_draws": (">=", 1),
@@ -190,8 +191,6 @@ def training_losses(learner, backbone: Backbone, latents: torch.Tensor, train_cf
     t = torch.randint(0, backbone.num_train_timesteps, (batch,), generator=generator)
     hidden, eos = learner()
     prompt_eps = torch.randn((batch, draws, *hidden.shape[1:]), generator=generator)
-    if train_cfg.objective not in ("gaussian", "specialise"):
-        raise UserError(f"train.objective must be gaussian or specialise, not '{train_cfg.objective}'")
     picks = None
     if train_cfg.objective == "specialise":
         picks = torch.randint(len(hidden), (batch, draws), generator=generator)

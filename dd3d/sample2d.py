@@ -32,6 +32,8 @@ PROMPT_STREAM, LATENT_STREAM = 0, 1
 NULLABLE = dict.fromkeys(("model", "out", "prefix", "suffix"), "")  # the types of keys whose default is null
 NULLABLE |= {"weights": [0.0], "class_index": 0, "resolution": 0}
 CONFIG_RANGES = {
+    "sampler": ("in", ("auto", "gaussian", "prompts")),
+    "sampler_bandwidth": (">=", 0),
     "n": (">=", 1),
     "batch_size": (">=", 1),
     "seed": (">=", 0),

@@ -107,6 +107,7 @@ def test_overwrite_recognises_a_run_of_a_dd3d_without_markers(tmp_path):
         ("train.lr=fast", "train.lr must be a finite number, not 'fast'"),
         ("augment.crop_scale=1.5", "augment.crop_scale must be > 0 and <= 1, not 1.5"),
         ("resolution=big", "resolution must be a whole number"),
+        ("train.objective=average", "train.objective must be in ('gaussian', 'specialise'), not 'average'"),
     ],
 )
 def test_bad_values_one_line_before_the_run_folder_exists(override, message, tiny_model, refs, tmp_path, capsys):
@@ -124,6 +125,8 @@ def test_a_single_std_scale_is_a_one_element_list(tiny_model, dist_file, tmp_pat
     assert json.loads((out / "manifest.json").read_text())["settings"]["std_scale"] == [2.0]
     code, captured = run_cli(gen3d.main, ["--dist", dist_file, "--out", tmp_path / "3d", *SMALL, "std_scale=x"], capsys)
     one_error_line(code, captured, "std_scale must be a finite number, not 'x'")
+    code, captured = run_cli(gen3d.main, ["--dist", dist_file, "--out", tmp_path / "3d", *SMALL, "sampler=wide"], capsys)
+    one_error_line(code, captured, "sampler must be in ('auto', 'gaussian', 'prompts'), not 'wide'")
 
 
 # --- 4. overrides anywhere on the command line ---------------------------------------------------------------------
