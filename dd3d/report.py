@@ -148,11 +148,11 @@ def format_table(metrics: dict) -> str:
 # --- HTML ----------------------------------------------------------------------------------------------------------
 
 
-def _img(image: Image.Image, height: int = 0) -> str:
+def _img(image: Image.Image) -> str:
+    """An <img> with the PNG embedded, so the report is one self-contained file."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    style = f' style="height:{height}px;image-rendering:pixelated"' if height else ""
-    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"{style}>'
+    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
 def _strip(images: list[Image.Image], size: int = 64) -> Image.Image:
@@ -195,7 +195,7 @@ def render_html(metrics: dict, images: dict[str, list[Image.Image]], asset_frame
             f"<h2>Bars</h2><table><tr><th>where</th><th>metric</th><th>value</th><th>bar</th><th></th><th></th></tr>"
             f"{bars}</table>"]
     for title, group in images.items():
-        body.append(f"<h2>{html.escape(title)} ({len(group)})</h2>{_img(_strip(group), 0)}")
+        body.append(f"<h2>{html.escape(title)} ({len(group)})</h2>{_img(_strip(group))}")
     if "2d" in metrics:
         body.append("<h2>Attributes (references | samples)</h2>" + _histograms(metrics["2d"]))
     for asset, frames in zip(metrics.get("3d", {}).get("assets", []), asset_frames):
@@ -203,7 +203,7 @@ def render_html(metrics: dict, images: dict[str, list[Image.Image]], asset_frame
         for shading, group in frames.items():
             seen = asset["appearance"][shading]["labels"]
             captions = " | ".join(f"{k} {c} {v}" for k, c, v in zip(seen["kind"], seen["colour"], seen["view"]))
-            body.append(f"<p>{shading} (oracle: {html.escape(captions)})</p>{_img(_row(group, 96), 0)}")
+            body.append(f"<p>{shading} (oracle: {html.escape(captions)})</p>{_img(_row(group, 96))}")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
              "td,th{padding:2px 6px;border-bottom:1px solid #ddd;font-size:13px}.ok td:nth-child(5){color:#070}"
              ".no td:nth-child(5){color:#b00;font-weight:bold}.row{display:flex;flex-wrap:wrap;gap:16px}"

@@ -10,7 +10,7 @@ from PIL import Image
 
 from dd3d import evaluate as ev
 from dd3d.report import check_bars, main, render_html
-from dd3d.tiny.world import KINDS, object_sdf
+from dd3d.tiny.world import object_sdf
 from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,8 +106,14 @@ def test_bars_flag_a_missing_colour_in_words():
 
 def tiny_encoders(folder: Path) -> list[Path]:
     """A tiny random CLIP vision tower and a tiny DINOv2, each saved with its image processor."""
-    from transformers import (BitImageProcessor, CLIPImageProcessor, CLIPVisionConfig,
-                              CLIPVisionModelWithProjection, Dinov2Config, Dinov2Model)
+    from transformers import (
+        BitImageProcessor,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+        Dinov2Config,
+        Dinov2Model,
+    )
 
     torch.manual_seed(0)
     clip = CLIPVisionModelWithProjection(CLIPVisionConfig(
@@ -160,7 +166,7 @@ def write_asset(folder: Path, kind: str) -> Path:
 class Tags(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.images, self.open = [], []
+        self.images = []
 
     def handle_starttag(self, tag, attrs):
         if tag == "img":
@@ -207,7 +213,6 @@ def test_render_html_is_a_page_with_its_images():
     tags = Tags()
     tags.feed(page)
     assert len(tags.images) == 1 and "met" in page
-    assert KINDS  # the world is importable alongside the report
 
 
 def test_the_oracle_reads_the_views_of_the_true_object_on_the_evaluation_orbit():
