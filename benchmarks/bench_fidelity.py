@@ -12,9 +12,10 @@ kind, four colours of one kind, two kinds of one colour, one kind in all sizes).
   k1         a single learned prompt (K=1, zero spread: Textual-Inversion-like)
   class      the plain class prompt ("a <kind>", "a <colour> object" when the set spans kinds)
   captions   the references' exact captions (the ceiling: what the model does when told exactly what to draw)
-Each number is the mean over --seeds. CPU, about 25 minutes with the defaults on 2 cores.
+Each number is the mean over --seeds. CPU: about 20 minutes with the defaults (8 sets, one seed) on 2 cores.
 
-  python benchmarks/bench_fidelity.py                       # all sets, 2 seeds
+  python benchmarks/bench_fidelity.py                       # all sets, seed 0
+  python benchmarks/bench_fidelity.py --seeds 0 1           # twice as long, half the sampling noise
   python benchmarks/bench_fidelity.py --sets cool-mugs two-colour-chairs --seeds 0 --steps 300
 """
 
@@ -155,7 +156,7 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", nargs="+", default=[*BUNDLED, *HELD_OUT], choices=[*BUNDLED, *HELD_OUT])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="more seeds: more minutes, less noise")
     parser.add_argument("--steps", type=int, default=300, help="stage-1 steps of every learned method")
     parser.add_argument("--n", type=int, default=32, help="samples per method, set and seed")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
