@@ -29,7 +29,7 @@ from dd3d.cli import (
     prepare_run_dir,
 )
 from dd3d.data import load_reference_images, training_views
-from dd3d.distribution import Gaussian, PromptDistribution
+from dd3d.distribution import Gaussian, Mixture, PromptDistribution
 from dd3d.files import Checkpoints, atomic_write, image_grid
 from dd3d.progress import tqdm
 from dd3d.prompts import SoftPromptEncoder
@@ -237,13 +237,18 @@ def check_resolution(backbone: Backbone, resolution: int) -> None:
 
 
 def write_sample_grid(backbone, learner, cfg, resolution: int, path: Path) -> None:
-    """A grid of images from the current distribution, always from the same draws (sample.seed)."""
+    """A grid of images from the current distribution, always from the same draws (sample.seed): the paper's
+    Gaussian, or under the specialise objective the prompt mixture (uniform weights until the shares are measured)."""
     with torch.no_grad():
         hidden, _ = learner()
-    seed = cfg.sample.seed
-    embeddings = Gaussian.from_hidden(hidden.float()).sample(
-        cfg.sample.n, generator=torch.Generator().manual_seed(seed)
-    )
+    hidden, seed = hidden.float(), cfg.sample.seed
+    if cfg.train.objective == "specialise":
+        sampler = Mixture.of_prompts(hidden, cfg.train.bandwidth)
+    else:
+        sampler = Gaussian.from_hidden(hidden)
+    generator = torch.Generator().manual_seed(seed)
+    eps = torch.randn((cfg.sample.n, *hidden.shape[1:]), generator=generator)
+    embeddings, _ = sampler.apply(eps, torch.rand(cfg.sample.n, generator=generator))
     generators = [torch.Generator().manual_seed(seed + 1 + index) for index in range(cfg.sample.n)]
     empty = backbone.encode_text([""])
     images = generate(
