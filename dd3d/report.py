@@ -237,6 +237,11 @@ def run_evaluation(refs: Path, samples: Path | None = None, asset: Path | None =
         raise UserError("3D metrics measure against the embedded world: they need the oracle (drop --oracle off)")
     metrics, images, frames = {}, {"references": ref_images}, []
     oracle = Oracle.load() if use_oracle or asset is not None else None
+    labels = ev.reference_reading(oracle, refs, ref_images)[0] if oracle is not None else None
+    if checkpoints:
+        kind = kind or Counter(labels["kind"]).most_common(1)[0][0]
+        if kind not in ev.KINDS:
+            raise UserError(f"the world has no kind '{kind}'; kinds: {', '.join(ev.KINDS)}")
     if sample_images is not None:
         images["samples"] = sample_images
         if use_oracle:
@@ -244,17 +249,12 @@ def run_evaluation(refs: Path, samples: Path | None = None, asset: Path | None =
             if ceiling > 0:
                 from dd3d.backbone import Backbone
 
-                labels, _, _ = ev.reference_reading(oracle, refs, ref_images)
                 ceiling_images = ev.text_images(Backbone.load(model), ev.exact_captions(labels, ceiling), seed)
                 images["exact captions (ceiling)"] = ceiling_images
             metrics["2d"] = ev.evaluate_2d(oracle, refs, sample_images, ceiling_images)
         metrics["encoders"] = [ev.encoder_metrics(ev.ImageEncoder(source), ref_images, sample_images)
                                for source in features]
     if checkpoints:
-        labels, _, _ = ev.reference_reading(oracle, refs, ref_images)
-        kind = kind or Counter(labels["kind"]).most_common(1)[0][0]
-        if kind not in ev.KINDS:
-            raise UserError(f"the world has no kind '{kind}'; kinds: {', '.join(ev.KINDS)}")
         assets = []
         for checkpoint in checkpoints:
             result, asset_images = ev.evaluate_asset(oracle, checkpoint, kind, set(labels["colour"]), grid)
