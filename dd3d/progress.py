@@ -30,6 +30,11 @@ class tqdm(_tqdm):
 
     def __init__(self, *args, **kwargs):
         stream = kwargs.get("file") or sys.stderr
-        if not kwargs.get("disable") and not stream.isatty():
+        self.as_lines = not kwargs.get("disable") and not stream.isatty()
+        if self.as_lines:
             kwargs.update(file=_Lines(stream), mininterval=LOG_INTERVAL, ascii=True)
         super().__init__(*args, **kwargs)
+
+    def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+        """In a log, a new postfix waits for the next line instead of forcing one."""
+        super().set_postfix(ordered_dict, refresh=refresh and not self.as_lines, **kwargs)
