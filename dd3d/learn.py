@@ -66,31 +66,22 @@ CONFIG_RANGES = {
     "sample.steps": (">=", 1),
     "sample.seed": (">=", 0),
 }
-# The shapes of the checkpointed contexts and Adam state.
-FIXED_ON_RESUME = ("prompt.num_prompts", "prompt.n_ctx", "prompt.shared_context")
+FIXED_ON_RESUME = ("prompt.num_prompts", "prompt.n_ctx")  # the shapes of the checkpointed ctx and Adam state
 
 
 class PromptLearner(torch.nn.Module):
-    """The trainable tensors: K contexts of n_ctx token embeddings, encoded by the frozen text encoder. With
-    `shared`, each context is one shared context plus its own offset: the shared part is trained by every step's
-    draws (what all references have in common), the offsets only by the draws of their prompt."""
+    """The only trainable tensor: K contexts of n_ctx token embeddings, encoded by the frozen text encoder."""
 
-    def __init__(self, encoder: SoftPromptEncoder, num_prompts: int, init_std: float, seed: int,
-                 shared: bool = False):
+    def __init__(self, encoder: SoftPromptEncoder, num_prompts: int, init_std: float, seed: int):
         super().__init__()
         self.encoder = encoder  # not a Module: its frozen text encoder stays outside this module's parameters
         width = encoder.text_encoder.config.hidden_size
         generator = torch.Generator().manual_seed(seed)
         self.ctx = torch.nn.Parameter(torch.randn(num_prompts, encoder.n_ctx, width, generator=generator) * init_std)
-        self.shared = torch.nn.Parameter(torch.zeros(1, encoder.n_ctx, width)) if shared else None
-
-    def contexts(self) -> torch.Tensor:
-        """The K contexts (K, n_ctx, d)."""
-        return self.ctx if self.shared is None else self.shared + self.ctx
 
     def forward(self):
         """Encoder outputs (K, 77, d) and EOS features (K, d) of the K prompts."""
-        return self.encoder(self.contexts())
+        return self.encoder(self.ctx)
 
 
 def min_snr_weights(backbone: Backbone, t: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -286,16 +277,13 @@ def train(cfg: DictConfig) -> Path:
 
     prompt = cfg.prompt
     encoder = SoftPromptEncoder(backbone.tokenizer, backbone.text_encoder, prompt.n_ctx, prompt.prefix, prompt.suffix)
-    learner = PromptLearner(encoder, prompt.num_prompts, prompt.init_std, cfg.seed, prompt.shared_context)
-    learner = learner.to(accelerator.device)
+    learner = PromptLearner(encoder, prompt.num_prompts, prompt.init_std, cfg.seed).to(accelerator.device)
     optimizer = torch.optim.AdamW(learner.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     checkpoints = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
     start = 0
     if cfg.resume and (state := checkpoints.load_latest()) is not None:
         with torch.no_grad():
             learner.ctx.copy_(state["ctx"])
-            if learner.shared is not None:
-                learner.shared.copy_(state["shared"])
         optimizer.load_state_dict(state["optimizer"])
         if accelerator.scaler is not None and "scaler" in state:  # fp16: the loss scale continues too
             accelerator.scaler.load_state_dict(state["scaler"])
@@ -332,8 +320,6 @@ def train(cfg: DictConfig) -> Path:
             log.flush()
         if main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             snapshot = {"ctx": plain_learner.ctx.detach().cpu(), "optimizer": optimizer.state_dict()}
-            if plain_learner.shared is not None:
-                snapshot["shared"] = plain_learner.shared.detach().cpu()
             if accelerator.scaler is not None:
                 snapshot["scaler"] = accelerator.scaler.state_dict()
             checkpoints.save(done, snapshot)
@@ -350,7 +336,7 @@ def train(cfg: DictConfig) -> Path:
                 shares = prompt_shares(backbone, hidden, latents, cfg.train, cfg.seed)
             log.write("prompt shares " + " ".join(f"{share:.3f}" for share in shares.tolist()) + "\n")
         PromptDistribution(
-            ctx=plain_learner.contexts().detach().float().cpu(),
+            ctx=plain_learner.ctx.detach().float().cpu(),
             prefix=prompt.prefix,
             suffix=prompt.suffix,
             model_id=backbone.model_id,
