@@ -75,13 +75,16 @@ class Mixture:
     weights: torch.Tensor
 
     @classmethod
-    def of_prompts(cls, hidden: torch.Tensor, bandwidth: float, weights: torch.Tensor | None = None) -> "Mixture":
+    def of_prompts(cls, hidden: torch.Tensor, bandwidth: float, weights: torch.Tensor | None = None,
+                   shrink: float = 0.0) -> "Mixture":
         """One component per prompt, centred on its encoder output (K, 77, d), all with the spread `bandwidth` times
         the K prompts' std: the prompts' modes stay apart instead of blending into one Gaussian. Weights (K,) are
-        the prompts' shares (uniform when None)."""
+        the prompts' shares (uniform when None). `shrink` pulls every component that fraction of the way to the
+        mixture's mean (offsets and spreads times 1 - shrink): each prompt is learned from a few references, and
+        shrinking its estimate towards the consensus removes part of its noise (James-Stein style)."""
         spread = Gaussian.from_hidden(hidden).std * bandwidth
         weights = torch.full((len(hidden),), 1.0 / len(hidden)) if weights is None else weights / weights.sum()
-        return cls([Gaussian(row, spread) for row in hidden], weights.float())
+        return cls([Gaussian(row, spread) for row in hidden], weights.float()).scaled(1.0 - shrink)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -210,16 +213,16 @@ class PromptDistribution:
 
     @torch.no_grad()
     def fit(self, backbone, prefix: str | None = None, suffix: str | None = None, sampler: str = "gaussian",
-            bandwidth: float = 0.5) -> Gaussian | Mixture:
+            bandwidth: float = 0.5, shrink: float = 0.0) -> Gaussian | Mixture:
         """Encode the K contexts under a template and fit the sampler to their encoder outputs: the paper's one
         diagonal Gaussian (`gaussian`), a mixture with one component per prompt weighted by the prompts' shares
-        (`prompts`, see Mixture.of_prompts), or the one the distribution was learned for (`auto`)."""
+        (`prompts`, see Mixture.of_prompts, with its bandwidth and shrink), or the one the distribution was learned for (`auto`)."""
         sampler = self.sampler if sampler == "auto" else sampler
         if sampler not in SAMPLERS:
             raise UserError(f"sampler must be auto, {' or '.join(SAMPLERS)}, not '{sampler}'")
         hidden, _ = self.encoder(backbone, prefix, suffix)(self.ctx, self.reference_positions)
         if sampler == "prompts":
-            return Mixture.of_prompts(hidden.float(), bandwidth, self.weights)
+            return Mixture.of_prompts(hidden.float(), bandwidth, self.weights, shrink)
         return Gaussian.from_hidden(hidden.float())
 
 
@@ -304,8 +307,9 @@ def build_sampler(cfg: DictConfig, backbone, view: str | None = None) -> Gaussia
     for path, scale in zip(cfg.dists, scales):
         dist = load_distribution(path, backbone, cfg.class_index)
         suffix = view_suffix(dist.suffix if cfg.suffix is None else cfg.suffix, view)
-        kind, bandwidth = cfg.get("sampler", "auto"), cfg.get("sampler_bandwidth", 0.5)
-        sampler = dist.fit(backbone, cfg.prefix, suffix, kind, bandwidth)
+        kind, bandwidth, shrink = (cfg.get(key, default) for key, default in
+                                   (("sampler", "auto"), ("sampler_bandwidth", 0.5), ("sampler_shrink", 0.0)))
+        sampler = dist.fit(backbone, cfg.prefix, suffix, kind, bandwidth, shrink)
         fitted.append(sampler.scaled(scale))
     if count == 1:
         return fitted[0]

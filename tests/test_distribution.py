@@ -104,6 +104,19 @@ def test_prompt_mixture_moments_and_scaling():
     assert torch.allclose(mixture.scaled(1.0).components[3].mean, mixture.components[3].mean, atol=1e-6)
 
 
+def test_shrink_pulls_each_prompt_towards_the_weighted_mean():
+    hidden = torch.stack([torch.full((77, 8), 4.0), torch.zeros(77, 8), torch.zeros(77, 8), torch.zeros(77, 8)])
+    shares = torch.tensor([0.25, 0.25, 0.5, 0.0])
+    plain = Mixture.of_prompts(hidden, 0.5, shares)
+    shrunk = Mixture.of_prompts(hidden, 0.5, shares, shrink=0.25)
+    # The shares-weighted mean is 1.0 everywhere; the first prompt (4.0) moves a quarter of the way to it, 3.25.
+    assert torch.allclose(shrunk.mean, torch.ones(77, 8)) and torch.allclose(shrunk.weights, plain.weights)
+    assert torch.allclose(shrunk.components[0].mean, torch.full((77, 8), 3.25))
+    assert torch.allclose(shrunk.components[1].mean, torch.full((77, 8), 0.25))
+    assert torch.allclose(shrunk.components[0].std, 0.75 * plain.components[0].std)
+    assert torch.allclose(Mixture.of_prompts(hidden, 0.5, shares, shrink=1.0).components[0].mean, shrunk.mean)
+
+
 def test_combined_mixture_flattens_weights():
     a = Mixture.of_prompts(two_mode_hidden(4), 0.5)
     b = Gaussian(torch.zeros(77, 8), torch.ones(77, 8))
