@@ -48,6 +48,7 @@ NULLABLE |= dict.fromkeys(("export.resolution", "export.texture", "export.face_b
 CONFIG_RANGES = {
     "sampler": ("in", ("auto", "gaussian", "prompts")),
     "sampler_bandwidth": (">=", 0),
+    "sampler_shrink": (">=", 0, "<=", 1),
     "seed": (">=", 0),
     "steps": (">=", 1),
     "num_samples": (">=", 1),
