@@ -325,22 +325,18 @@ def lattice(radius: float, resolution: int = GRID_RESOLUTION) -> torch.Tensor:
     return torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1)
 
 
-def field_occupancy(density_fn, radius: float, resolution: int = GRID_RESOLUTION) -> tuple[torch.Tensor, float]:
-    """Occupied voxels of a density field and the density level used.
-
-    Rule: occupied where the density reaches the level at which head-on rays turn 50% opaque, the same level the
-    mesh export puts its surface at (`dd3d.export.default_threshold`). It measures what a viewer sees and what the
-    exported mesh encloses, whatever the field's density scale; a field no ray sees through is all occupied, an
-    almost transparent one (no ray reaches 50%) is empty."""
-    from dd3d.export import default_threshold, density_grid
+def field_occupancy(density_fn, radius: float, resolution: int = GRID_RESOLUTION) -> torch.Tensor:
+    """Occupied voxels of a density field: those hidden from outside -- rays coming in along each axis direction
+    have turned at least half opaque before reaching them (`dd3d.export.hidden_opacity`), the same rule the mesh
+    export puts its surface at. It measures what a viewer sees and what the exported mesh encloses, whatever the
+    field's density scale and however the density is spread inside (a density iso-level reads a field whose density
+    peaks at its surface as a hollow shell); an almost transparent field is empty."""
+    from dd3d.export import SURFACE_OPACITY, density_grid, hidden_opacity
 
     lo, hi = torch.full((3,), -radius), torch.full((3,), radius)
     grid = density_grid(density_fn, lo, hi, resolution, torch.device("cpu"), progress=False)
-    level = default_threshold(grid, [2 * radius / (resolution - 1)] * 3)
-    inner = grid[1:-1, 1:-1, 1:-1]
-    if level is None:
-        return torch.zeros_like(inner, dtype=torch.bool), float("inf")
-    return inner >= level, level
+    hidden = hidden_opacity(grid, [2 * radius / (resolution - 1)] * 3)
+    return hidden[1:-1, 1:-1, 1:-1] >= SURFACE_OPACITY
 
 
 def object_distance(kind: str, scale: float, radius: float, resolution: int) -> torch.Tensor:
@@ -378,7 +374,8 @@ def best_fit(occupied: torch.Tensor, kind: str, radius: float, turns=(0,), scale
     best = {"iou": -1.0}
     for scale in scales:
         distance = object_distance(kind, scale, radius, len(occupied))
-        solid = distance <= 0
+        solid = seen_solid(distance, 2 * radius / (len(occupied) - 1))
+        distance = torch.where(solid, distance.clamp(max=0.0), distance)  # hidden cavities count as inside
         for turn in turns:
             turned = quarter_turn(occupied, turn)
             value = iou(turned, solid)
@@ -386,6 +383,18 @@ def best_fit(occupied: torch.Tensor, kind: str, radius: float, turns=(0,), scale
                 haze = float((distance[turned] > HAZE_MARGIN).double().mean()) if turned.any() else 0.0
                 best = {"iou": value, "scale": float(scale), "turn": 90 * turn, "haze": haze}
     return best
+
+
+def seen_solid(distance: torch.Tensor, voxel: float) -> torch.Tensor:
+    """The true object (signed distances on the lattice, voxel apart) as the occupancy rule reads a field: opaque
+    inside and up to half a voxel outside (so features thinner than a voxel, such as a mug's coffee, still block
+    the view), then everything hidden from outside along every axis direction is inside -- a cavity closed off from
+    view is filled -- so the true object and the asset are compared by what a viewer can see."""
+    from dd3d.export import SURFACE_OPACITY, hidden_opacity
+
+    dense = (1.0 - distance / (0.5 * voxel)).clamp(0.0, 1.0) * 1000.0
+    hidden = hidden_opacity(F.pad(dense, (1,) * 6), [1.0] * 3)[1:-1, 1:-1, 1:-1]
+    return hidden >= SURFACE_OPACITY
 
 
 def best_ball(occupied: torch.Tensor, points: torch.Tensor) -> dict:
@@ -397,7 +406,7 @@ def best_ball(occupied: torch.Tensor, points: torch.Tensor) -> dict:
 
 def evaluate_geometry(density_fn, kind: str, radius: float = 1.0, resolution: int = GRID_RESOLUTION) -> dict:
     """Every geometry number of a density field against the world's `kind`."""
-    occupied, level = field_occupancy(density_fn, radius, resolution)
+    occupied = field_occupancy(density_fn, radius, resolution)
     canonical = best_fit(occupied, kind, radius)
     turned = best_fit(occupied, kind, radius, turns=range(4))
     others = {other: best_fit(occupied, other, radius, turns=range(4))["iou"] for other in KINDS}
@@ -405,7 +414,7 @@ def evaluate_geometry(density_fn, kind: str, radius: float = 1.0, resolution: in
     return {
         "iou": canonical["iou"], "scale": canonical["scale"], "haze": canonical["haze"],
         "iou_best_turn": turned["iou"], "best_turn": turned["turn"],
-        "fill": float(occupied.double().mean()), "density_level": level,
+        "fill": float(occupied.double().mean()),
         "iou_by_kind": others, "nearest_kind": max(others, key=others.get),
         "ball_iou": ball["iou"], "ball_radius": ball["radius"], "iou_over_ball": canonical["iou"] - ball["iou"],
     }

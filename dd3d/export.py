@@ -33,9 +33,10 @@ PointFn = Callable[[torch.Tensor], torch.Tensor]
 SURFACE_OPACITY = 0.5  # the default surface is where a ray from outside has accumulated this opacity
 MIN_RESOLUTION = 8
 MIN_TEXTURE_SIZE = 16
-# Host memory per grid sample: the float32 grid, the opacity scan's float32 depth and bool mask, and the marching
+SURFACES = ("opacity", "density")
+# Host memory per grid sample: the float32 grid, the opacity scan's four float32 working arrays, and the marching
 # cubes + cleanup working set (~40 B per sample: up to one triangle per 10 samples at ~400 B each, measured).
-BYTES_PER_SAMPLE = 4 + 4 + 1 + 40
+BYTES_PER_SAMPLE = 4 + 4 * 4 + 40
 TEXTURE_PADDING = 4  # texels between UV charts, and how far baked colours are dilated into the gaps
 # Our Z-up, front +X frame -> glTF's Y-up, front +Z frame: (x, y, z) -> (y, z, x), a proper rotation (det +1).
 ZUP_TO_YUP = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
@@ -48,6 +49,7 @@ def extract_mesh(
     aabb: float | torch.Tensor = 1.0,
     resolution: int | None = None,
     threshold: float | None = None,
+    surface: str = "opacity",
     min_component_fraction: float = 0.05,
     face_budget: int | None = None,
     texture_size: int | None = None,
@@ -59,7 +61,9 @@ def extract_mesh(
 
     aabb: the scene box, a radius r (box [-r, r]^3) or a (2, 3) tensor of min/max corners.
     resolution: grid samples per axis (default 256 on CUDA, 128 otherwise); refused if it would not fit in memory.
-    threshold: the density iso-level; None picks `default_threshold` (opacity 0.5 along rays).
+    surface: "opacity" (the boundary of what is hidden from outside: see `hidden_opacity`; closed, whatever the
+      density does inside) or "density" (a density iso-surface at `default_threshold`: rays reach opacity 0.5).
+    threshold: a density iso-level; given, it selects the density surface at that level.
     min_component_fraction: connected pieces with fewer faces than this fraction of the largest are dropped.
     face_budget: decimate (quadric, fast-simplification) to at most this many faces.
     texture_size: None gives per-vertex colours; N unwraps UVs with xatlas and bakes an N x N albedo texture.
@@ -69,9 +73,16 @@ def extract_mesh(
     device = torch.device(device) if device is not None else lo.device
     resolution = resolution or (256 if device.type == "cuda" else 128)
     _check_options(resolution, threshold, min_component_fraction, face_budget, texture_size)
+    if surface not in SURFACES:
+        raise UserError(f"surface must be opacity or density, not '{surface}'")
     check_memory(resolution)
     grid = density_grid(density_fn, lo, hi, resolution, device, chunk_size, progress)
     spacing = ((hi - lo) / (resolution - 1)).double().cpu()
+    if threshold is None and surface == "opacity":
+        hidden = hidden_opacity(grid, spacing)
+        if not hidden.max() > SURFACE_OPACITY:
+            raise _no_surface(grid, "no ray through the scene box reaches opacity 0.5, the field is almost transparent")
+        grid, threshold = hidden, SURFACE_OPACITY
     if threshold is None:
         threshold = default_threshold(grid, spacing)
         if threshold is None:
@@ -79,7 +90,7 @@ def extract_mesh(
     if not grid.max() > threshold:
         raise _no_surface(grid, f"no density in the scene box exceeds the threshold {threshold:.4g}")
 
-    # PyMCubes winds every face so that its normal points toward lower density: outward, cavities included
+    # PyMCubes winds every face so that its normal points toward lower values: outward, cavities included
     vertices, faces = mcubes.marching_cubes(grid.numpy(), float(threshold))
     del grid
     vertices = lo.double().cpu().numpy() + (vertices - 1.0) * spacing.numpy()  # the grid has one padding sample
@@ -151,6 +162,29 @@ def density_grid(
             grid[1 + start : 1 + start + len(xs), 1:-1, 1:-1] = sigma.float().cpu()
             bar.update(points.shape[0])
     return torch.nan_to_num_(grid, nan=0.0, posinf=torch.finfo(torch.float32).max).clamp_(min=0.0)
+
+
+def hidden_opacity(grid: torch.Tensor, spacing) -> torch.Tensor:
+    """How hidden each sample is from outside the box: the least opacity that a ray coming in along any of the six
+    axis directions has accumulated on reaching it (1 - exp(-optical depth), trapezoid rule; grid (X, Y, Z) of
+    densities sampled every spacing[axis] world units, its border outside the object).
+
+    Its 0.5 level is where axis rays from outside turn half opaque -- the depth a volume renderer shows -- and every
+    sample beyond it on all six sides is inside. Unlike a density iso-level, it does not depend on how the density
+    is spread inside the object (a field whose density peaks at its surface has a hollow iso-surface, in pieces) and
+    gives one closed surface per object; cavities open along an axis (a cup's top) stay open."""
+    hidden = torch.ones_like(grid)
+    for axis in range(3):
+        step = float(spacing[axis])
+        for flip in (False, True):
+            sigma = grid.movedim(axis, 0)
+            sigma = sigma.flip(0) if flip else sigma
+            depth = torch.cumsum(sigma, 0).sub_(sigma, alpha=0.5).sub_(sigma[:1], alpha=0.5).mul_(-step)
+            opacity = depth.exp_().neg_().add_(1.0)
+            opacity = opacity.flip(0) if flip else opacity
+            torch.minimum(hidden, opacity.movedim(0, axis), out=hidden)
+            del depth, opacity
+    return hidden
 
 
 def default_threshold(grid: torch.Tensor, spacing) -> float | None:

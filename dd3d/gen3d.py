@@ -79,6 +79,7 @@ CONFIG_RANGES = {
     "export.resolution": (">=", 2),
     "export.texture": (">=", 1),
     "export.face_budget": (">=", 1),
+    "export.surface": ("in", ("opacity", "density")),
 }
 FIXED_ON_RESUME = ("field", "renderer.background", "occupancy.resolution")  # they fix the checkpoint's shapes
 
@@ -240,6 +241,7 @@ def export(scene: Scene, cfg: DictConfig, folder: Path, progress: bool = True) -
         aabb=scene.field.radius,
         resolution=cfg.export.resolution,
         threshold=cfg.export.threshold,
+        surface=cfg.export.surface,
         texture_size=cfg.export.texture,
         face_budget=cfg.export.face_budget,
         device=_device(scene),
@@ -427,7 +429,10 @@ def export_main(argv=None) -> None:
     )
     parser.add_argument("target", type=Path)
     parser.add_argument("--resolution", type=int, help="grid samples per axis (default 256 on CUDA, 128 on CPU)")
-    parser.add_argument("--threshold", type=float, help="density iso-level (default: where rays reach opacity 0.5)")
+    parser.add_argument("--surface", choices=["opacity", "density"],
+                        help="opacity (default): where rays from outside turn half opaque, closed; density: an "
+                        "iso-surface of the density")
+    parser.add_argument("--threshold", type=float, help="a density iso-level (the density surface at that level)")
     parser.add_argument("--format", nargs="+", choices=["obj", "glb"], default=["obj", "glb"])
     parser.add_argument("--texture", type=int, help="bake an N x N albedo texture instead of vertex colours")
     parser.add_argument("--face-budget", type=int, help="decimate to at most this many faces")
@@ -447,6 +452,7 @@ def export_main(argv=None) -> None:
         options = {
             "resolution": args.resolution,
             "threshold": args.threshold,
+            "surface": args.surface,
             "formats": args.format,
             "texture": args.texture,
             "face_budget": args.face_budget,

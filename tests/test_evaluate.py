@@ -54,13 +54,14 @@ def solid_density(kind: str, scale: float = 1.0, turn: int = 0):
 
 def test_geometry_of_the_true_object_a_haze_a_turned_object_and_a_ball():
     truth = ev.evaluate_geometry(solid_density("mug", 1.05), "mug", resolution=RESOLUTION)
-    assert truth["iou"] > 0.75 and truth["haze"] < 0.01 and abs(truth["scale"] - 1.05) < 0.06  # thin walls
+    assert truth["iou"] > 0.9 and truth["haze"] < 0.01 and abs(truth["scale"] - 1.05) < 0.03
     assert truth["nearest_kind"] == "mug" and truth["iou_over_ball"] > 0.3
     house = ev.evaluate_geometry(solid_density("house", 0.9), "house", resolution=RESOLUTION)
     assert house["iou"] > 0.9 and abs(house["scale"] - 0.9) < 0.06 and house["nearest_kind"] == "house"
 
+    # A uniform fog turns rays half opaque 0.23 in from the box: what a viewer sees is a cube of fog, most of it haze.
     haze = ev.evaluate_geometry(lambda p: torch.full(p.shape[:-1], 3.0), "mug", resolution=RESOLUTION)
-    assert haze["fill"] > 0.9 and haze["iou"] < 0.3 and haze["haze"] > 0.6
+    assert haze["fill"] > 0.4 and haze["iou"] < 0.35 and haze["haze"] > 0.5
 
     turned = ev.evaluate_geometry(solid_density("duck", 1.0, turn=2), "duck", resolution=RESOLUTION)
     assert turned["iou"] < 0.6 and turned["iou_best_turn"] > 0.85 and turned["best_turn"] == 180

@@ -78,7 +78,7 @@ def test_object_cut_by_the_scene_box_is_closed():
 
 def test_a_hollow_ball_has_its_cavity_facing_inward():
     field = lambda p: ((p.norm(dim=-1) > 0.3) & (p.norm(dim=-1) < 0.6)).float() * 200.0  # noqa: E731
-    mesh = extract(field, resolution=48)
+    mesh = extract(field, resolution=48, surface="density")
     inner = np.linalg.norm(mesh.vertices, axis=1) < 0.45
     radial = (mesh.vertex_normals * mesh.vertices).sum(1)
     assert mesh.is_watertight and (radial[inner] < 0).all() and (radial[~inner] > 0).all()
@@ -95,20 +95,44 @@ def test_small_floaters_are_dropped():
 def test_default_threshold_puts_a_soft_blob_where_rays_turn_opaque(amplitude, width):
     field = lambda p: amplitude * torch.exp(-(p**2).sum(-1) / (2 * width**2))  # noqa: E731
     expected = ray_opacity_depth(lambda x: amplitude * np.exp(-(x**2) / (2 * width**2)))
-    mesh = extract(field)
+    mesh = extract(field, surface="density")
     assert np.linalg.norm(mesh.vertices, axis=1).mean() == pytest.approx(expected, abs=0.01)  # a third of a voxel
 
 
 def test_default_threshold_on_a_soft_shell_and_a_hard_step():
     field = lambda p: 100.0 * torch.sigmoid((0.5 - p.norm(dim=-1)) / 0.05)  # noqa: E731
     expected = ray_opacity_depth(lambda x: 100.0 / (1 + np.exp(-(0.5 - np.abs(x)) / 0.05)))
-    assert np.linalg.norm(extract(field).vertices, axis=1).mean() == pytest.approx(expected, abs=0.01)
+    radii = np.linalg.norm(extract(field, surface="density").vertices, axis=1)
+    assert radii.mean() == pytest.approx(expected, abs=0.01)
     step = torch.zeros(12, 12, 12)
     step[6:] = 40.0  # rays along x enter the slab at index 6 (from 5) and leave at the far end
     threshold = default_threshold(step, torch.full((3,), 0.1))
     # crossing in [5, 6]: 0.1 * 40 u^2 / 2 = ln 2 -> u = sqrt(ln 2 / 2), density 40 u
     assert threshold == pytest.approx(40 * math.sqrt(math.log(2) / 2), rel=1e-5)
     assert default_threshold(torch.zeros(8, 8, 8), torch.full((3,), 0.1)) is None
+
+
+def test_the_opacity_surface_is_one_closed_piece_where_a_density_surface_is_hollow():
+    """A NeRF's density often peaks at its surface: here a thin dense shell at r = 0.5 around a faint but opaque
+    inside (optical depth 5 across). The default surface encloses it all, at the depth where rays turn half opaque;
+    a density iso-surface at the level where they do is two shells."""
+    profile = lambda r: 400.0 * np.exp(-(((r - 0.5) / 0.04) ** 2)) + 5.0 * (r < 0.5)  # noqa: E731
+    field = lambda p: torch.as_tensor(profile(p.norm(dim=-1).numpy()), dtype=torch.float32)  # noqa: E731
+    surface = extract(field)
+    assert len(surface.split(only_watertight=False)) == 1 and surface.is_watertight
+    on_axes = surface.vertices[np.abs(surface.vertices).max(1) > 0.98 * np.linalg.norm(surface.vertices, axis=1)]
+    assert np.linalg.norm(on_axes, axis=1).mean() == pytest.approx(ray_opacity_depth(lambda x: profile(np.abs(x))),
+                                                                     abs=0.01)
+    assert outward_fraction(surface) == 1.0
+    assert len(extract(field, surface="density").split(only_watertight=False)) == 2
+
+
+def test_a_cup_open_along_an_axis_stays_open():
+    cup = lambda p: ((p[:, :2].norm(dim=-1) < 0.5) & (p[:, 2].abs() < 0.5)  # noqa: E731
+                     & ~((p[:, :2].norm(dim=-1) < 0.35) & (p[:, 2] > -0.3))).float() * 200.0
+    mesh = extract(cup)
+    assert mesh.is_watertight
+    assert mesh.volume == pytest.approx(math.pi * (0.5**2 - 0.35**2 * 0.8), rel=0.08)  # the inside is not filled
 
 
 def test_decimation_to_a_face_budget_keeps_a_closed_outward_mesh():
