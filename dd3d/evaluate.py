@@ -373,9 +373,7 @@ def best_fit(occupied: torch.Tensor, kind: str, radius: float, turns=(0,), scale
     true object: IoU, scale, turn in degrees, and the haze (occupied share farther than HAZE_MARGIN outside it)."""
     best = {"iou": -1.0}
     for scale in scales:
-        distance = object_distance(kind, scale, radius, len(occupied))
-        solid = seen_solid(distance, 2 * radius / (len(occupied) - 1))
-        distance = torch.where(solid, distance.clamp(max=0.0), distance)  # hidden cavities count as inside
+        distance, solid = true_object(kind, scale, radius, len(occupied))
         for turn in turns:
             turned = quarter_turn(occupied, turn)
             value = iou(turned, solid)
@@ -383,6 +381,15 @@ def best_fit(occupied: torch.Tensor, kind: str, radius: float, turns=(0,), scale
                 haze = float((distance[turned] > HAZE_MARGIN).double().mean()) if turned.any() else 0.0
                 best = {"iou": value, "scale": float(scale), "turn": 90 * turn, "haze": haze}
     return best
+
+
+@functools.lru_cache(maxsize=96)  # canonical, turned and nearest-kind fits ask for the same 7 kinds x 11 scales
+def true_object(kind: str, scale: float, radius: float, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The world's object at `scale` as the occupancy rule reads it: signed distances (hidden cavities at 0) and
+    the solid (`seen_solid`). Read-only tensors, shared between calls."""
+    distance = object_distance(kind, scale, radius, resolution)
+    solid = seen_solid(distance, 2 * radius / (resolution - 1))
+    return torch.where(solid, distance.clamp(max=0.0), distance), solid  # hidden cavities count as inside
 
 
 def seen_solid(distance: torch.Tensor, voxel: float) -> torch.Tensor:
