@@ -1,7 +1,7 @@
 """Stage-2 quality sweep: plain prompts "a <colour> <kind>" over the world's kinds (one colour each) with the
 defaults of this machine (configs/gen3d_cpu.yaml merged over configs/gen3d.yaml without CUDA), each asset measured
 against the world's true object (dd3d.evaluate: IoU in the canonical orientation, the best ball, haze, fill) and
-read by the oracle on 8 albedo and 8 shaded turntable frames (kind, colour, view).
+read by the oracle on 8 albedo and 8 world-lit turntable frames (kind, colour, view; dd3d.evaluate.asset_frames).
 
 Issue 13's bars for plain prompts: IoU beats the best ball by at least 0.1 on at least 5 of the 7 kinds, and the
 oracle's kind is right in at least 6 of 8 frames of every asset.
@@ -46,6 +46,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench-gen3d-quality")
     parser.add_argument("--steps", type=int, help="override the profile's steps (a quicker, weaker sweep)")
     parser.add_argument("--json", type=Path, help="write every number here")
+    parser.add_argument("--reuse", action="store_true",
+                        help="evaluate the assets already under --out again (with today's evaluation), training none")
     parser.add_argument("overrides", nargs="*", help="gen3d key=value overrides")
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + ([f"steps={args.steps}"] if args.steps else [])
@@ -55,18 +57,19 @@ def main(argv=None) -> None:
     oracle = Oracle.load()
     rows, results = [], {}
     for kind in args.kinds:
-        folder, seconds = run_asset(kind, args.out, overrides)
+        folder, seconds = (args.out / kind, 0.0) if args.reuse else run_asset(kind, args.out, overrides)
         metrics, _ = ev.evaluate_asset(oracle, ev.asset_checkpoints(folder)[0], kind, {COLOUR_OF[kind]})
-        geometry, look = metrics["geometry"], metrics["appearance"]
+        geometry, look, truth = metrics["geometry"], metrics["appearance"], metrics["truth_appearance"]
         results[kind] = {"seconds": seconds, **metrics}
         rows.append((kind, COLOUR_OF[kind], geometry["iou"], geometry["ball_iou"], geometry["iou_over_ball"],
                      geometry["haze"], geometry["fill"], look["albedo"]["kind"], look["shaded"]["kind"],
-                     look["albedo"]["colour"], look["albedo"]["view"], seconds))
+                     look["albedo"]["colour"], look["shaded"]["view"],
+                     f"{truth['albedo']['kind']}/{truth['shaded']['kind']}", seconds))
         print(f"{kind}: IoU {geometry['iou']:.3f} ball {geometry['ball_iou']:.3f} kind "
               f"{look['albedo']['kind']}/{look['shaded']['kind']} ({seconds:.0f} s)", flush=True)
 
-    header = ("kind", "colour", "IoU", "ball", "IoU-ball", "haze", "fill", "kind alb", "kind shd", "colour", "view",
-              "s")
+    header = ("kind", "colour", "IoU", "ball", "IoU-ball", "haze", "fill", "kind alb", "kind shd", "colour alb",
+              "view shd", "truth kind alb/shd", "s")
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:
         cells = [f"{v:.3f}" if isinstance(v, float) and i < 7 else f"{v:.0f}" if isinstance(v, float) else str(v)

@@ -9,7 +9,8 @@ of image encoders loaded through transformers.
 
 3D on the embedded world: the asset's occupancy against the world's signed distance field (IoU at the best scale,
 canonical and best quarter turn, haze, fill, IoU with every other kind, the best ball), the oracle on albedo and
-shaded frames from 8 azimuths, and the exported mesh.
+world-lit frames from 8 azimuths in the middle of the view sectors (next to its reading of the world's own renders
+of the true object from the same cameras: the ceiling of those counts), and the exported mesh.
 """
 
 from __future__ import annotations
@@ -28,7 +29,19 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from dd3d.cli import UserError
-from dd3d.tiny.world import BACKGROUND, COLOUR_NAMES, KINDS, SIZE_RANGE, VIEWS, object_sdf, size_word
+from dd3d.tiny.world import (
+    AMBIENT,
+    BACKGROUND,
+    COLOUR_NAMES,
+    FILL,
+    KEY,
+    KEY_LIGHT,
+    KINDS,
+    SIZE_RANGE,
+    VIEWS,
+    object_sdf,
+    size_word,
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 SIZES = ("small", "medium", "large")
@@ -36,6 +49,7 @@ ATTRIBUTES = {"kind": KINDS, "colour": COLOUR_NAMES, "view": VIEWS, "size": SIZE
 GRID_RESOLUTION = 64  # voxels per axis for the 3D geometry
 HAZE_MARGIN = 0.1  # occupied voxels farther than this (world units, 5% of the box) from the true surface are haze
 FRAMES = 8  # turntable frames read by the oracle
+WORLD_LIGHT_DISTANCE = 100.0  # the shaded frames' key light: a point this far away along world.KEY_LIGHT
 FIT_SCALES = tuple(float(s) for s in np.linspace(*SIZE_RANGE, 11))  # the world's size range in steps of 0.05
 
 
@@ -430,22 +444,49 @@ def evaluate_geometry(density_fn, kind: str, radius: float = 1.0, resolution: in
 # --- 3D: appearance and mesh ---------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def asset_frames(scene, cfg, count: int = FRAMES, size: int = 64) -> tuple[dict[str, list[Image.Image]], list[str]]:
-    """Albedo and Lambertian frames of a gen3d scene from `count` azimuths on the video orbit (lit from beside the
-    camera, as the turntable), and the view label of each camera."""
-    from dd3d.gen3d import render_views
+def frame_cameras(cfg, count: int = FRAMES):
+    """`count` cameras on the video orbit, each in the middle of a view sector (azimuths 180/count, 3 x 180/count,
+    ...): a frame on a sector's edge (azimuth 45 between front and side) has no right view label."""
     from dd3d.nerf import orbit_cameras
 
     video = cfg.video
-    cameras = orbit_cameras(count, video.elevation, video.distance, video.fovy,
-                            thresholds=dict(cfg.camera.view_thresholds))
-    cameras = cameras.to(next(scene.parameters()).device)
-    frames = {
-        "albedo": render_views(scene, cameras, size, "albedo"),
-        "shaded": render_views(scene, cameras, size, "lambertian", cameras.positions * 1.5),
-    }
+    return orbit_cameras(count, video.elevation, video.distance, video.fovy, start_azimuth=180.0 / count,
+                         thresholds=dict(cfg.camera.view_thresholds))
+
+
+@torch.no_grad()
+def asset_frames(scene, cfg, count: int = FRAMES, size: int = 64) -> tuple[dict[str, list[Image.Image]], list[str]]:
+    """Albedo and shaded frames of a gen3d scene (`frame_cameras`) and the view label of each camera. Shaded frames
+    are lit the way the world lights the renders the oracle learned from: a distant key light in front of the object
+    and above it (its direction fixed in the world, so back views see the shaded side), ambient plus fill around it."""
+    from dd3d.gen3d import render_views
+
+    cameras = frame_cameras(cfg, count).to(next(scene.parameters()).device)
+    key = F.normalize(torch.tensor(KEY_LIGHT), dim=0) * WORLD_LIGHT_DISTANCE
+    renderer = scene.renderer
+    lighting = renderer.ambient, renderer.diffuse
+    renderer.ambient, renderer.diffuse = AMBIENT + FILL / 2, KEY  # the fill light, seen ~60 degrees off on average
+    try:
+        frames = {
+            "albedo": render_views(scene, cameras, size, "albedo"),
+            "shaded": render_views(scene, cameras, size, "lambertian", key.to(cameras.positions).expand(count, 3)),
+        }
+    finally:
+        renderer.ambient, renderer.diffuse = lighting
     return {name: [Image.fromarray(f) for f in images] for name, images in frames.items()}, list(cameras.views)
+
+
+def truth_frames(cfg, kind: str, colour: str, count: int = FRAMES, size: int = 64) -> dict[str, list[Image.Image]]:
+    """The world's own renders of the true object (scale 1) from `frame_cameras`: albedo (unlit materials) and
+    shaded (the world's lighting) -- what a perfect asset would show the oracle, its ceiling on these frames."""
+    from dd3d.tiny.oracle import pil_images
+    from dd3d.tiny.world import render, scenes_from_labels, to_uint8
+
+    cameras = frame_cameras(cfg, count)
+    scenes = scenes_from_labels([kind] * count, [colour] * count, cameras.elevation_deg, cameras.azimuth_deg,
+                                cameras.distance, cameras.fovy_deg)
+    return {name: pil_images(to_uint8(render(scenes, size, lit=lit)[0])) for name, lit in (("albedo", False),
+                                                                                          ("shaded", True))}
 
 
 def evaluate_appearance(oracle, frames: dict[str, list[Image.Image]], views: list[str], kind: str,
@@ -503,9 +544,11 @@ def evaluate_asset(oracle, checkpoint: Path, kind: str, colours: set[str],
                                      kind, float(cfg.field.radius), resolution)
     frames, views = asset_frames(scene, cfg)
     appearance = evaluate_appearance(oracle, frames, views, kind, colours)
+    truth = evaluate_appearance(oracle, truth_frames(cfg, kind, min(colours)), views, kind, colours)
     majority = Counter(appearance["albedo"]["labels"]["colour"]).most_common(1)[0][0]
     return {"folder": str(folder), "step": int(re.sub(r"\D", "", checkpoint.stem)), "kind": kind,
-            "geometry": geometry, "appearance": appearance, "colour": majority, "mesh": mesh_metrics(folder)}, frames
+            "geometry": geometry, "appearance": appearance, "truth_appearance": truth, "colour": majority,
+            "mesh": mesh_metrics(folder)}, frames
 
 
 def asset_spread(assets: list[dict], ref_labels: dict[str, list[str]]) -> dict:

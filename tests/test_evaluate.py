@@ -3,14 +3,16 @@
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
 
 from dd3d import evaluate as ev
 from dd3d.report import check_bars, main, render_html
-from dd3d.tiny.world import object_sdf
+from dd3d.tiny.world import KINDS, object_sdf
 from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -216,15 +218,35 @@ def test_render_html_is_a_page_with_its_images():
     assert len(tags.images) == 1 and "met" in page
 
 
-def test_the_oracle_reads_the_views_of_the_true_object_on_the_evaluation_orbit():
-    """The 3D view check is meaningful: on the world's own renders from the asset frames' cameras (elevation 15,
-    distance 1.8, fovy 50, 8 azimuths), the oracle reads the camera's view label in most frames."""
-    from dd3d.nerf import orbit_cameras
-    from dd3d.tiny.oracle import Oracle, pil_images
-    from dd3d.tiny.world import render, scenes_from_labels, to_uint8
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_oracle_reads_the_true_object_on_the_evaluation_frames(kind):
+    """The 3D appearance checks are meaningful: on the world's own renders of the true object from the asset frames'
+    cameras (mid-sector azimuths), lit as the world lights, the oracle reads the kind and the camera's view in nearly
+    every frame. (On frames at a sector's edge, azimuth 45 or 135, the view was a coin flip: 5 of 8 for the duck.)"""
+    from dd3d.cli import CONFIG_DIR, load_config
+    from dd3d.tiny.oracle import Oracle
 
-    cameras = orbit_cameras(ev.FRAMES, 15.0, 1.8, 50.0)
-    scenes = scenes_from_labels(["house"] * ev.FRAMES, ["red"] * ev.FRAMES, 15.0, cameras.azimuth_deg, 1.8, 50.0)
-    labels = ev.read_images(Oracle.load(), pil_images(to_uint8(render(scenes, 64)[0]))).labels
-    assert sum(a == b for a, b in zip(labels["view"], cameras.views)) >= 6
-    assert labels["kind"].count("house") >= 7
+    cfg = load_config("gen3d.yaml", None, [], base=CONFIG_DIR / "gen3d_cpu.yaml")
+    views = list(ev.frame_cameras(cfg).views)
+    shaded = ev.truth_frames(cfg, kind, "red")["shaded"]
+    seen = ev.evaluate_appearance(Oracle.load(), {"shaded": shaded}, views, kind, {"red"})["shaded"]
+    assert seen["kind"] >= 7 and seen["view"] >= 7 and seen["colour"] >= 7, seen["labels"]
+    assert {"front", "side", "back"} <= set(views)
+
+
+def test_shaded_asset_frames_are_lit_from_the_front_of_the_world():
+    """The key light stays in front of the object as the camera goes round (as in the world's renders): a white
+    ball is brighter seen from the front than from the back."""
+    from dd3d.cli import CONFIG_DIR, load_config
+    from dd3d.gen3d import Scene
+
+    cfg = load_config("gen3d.yaml", None, [], base=CONFIG_DIR / "gen3d_cpu.yaml")
+    scene = Scene(cfg)
+    scene.field.density = lambda p: 200.0 * (p.norm(dim=-1) < 0.5).float()
+    scene.field.forward = lambda p: (scene.field.density(p), torch.ones_like(p))
+    scene.field.normals = lambda p: F.normalize(p, dim=-1)
+    frames, views = ev.asset_frames(scene, cfg)
+    brightness = [np.asarray(frame, dtype=float)[24:40, 24:40].mean() for frame in frames["shaded"]]
+    front, back = views.index("front"), views.index("back")
+    assert brightness[front] > brightness[back] + 40
+    assert scene.renderer.ambient == 0.1  # the scene's own lighting is back as it was

@@ -125,11 +125,12 @@ def sample_cameras(
 
 
 def orbit_cameras(
-    n: int, elevation: float, distance: float, fovy: float, scene_radius: float = 1.0, thresholds: dict | None = None
+    n: int, elevation: float, distance: float, fovy: float, scene_radius: float = 1.0, thresholds: dict | None = None,
+    start_azimuth: float = 0.0,
 ) -> CameraBatch:
-    """n cameras on a turntable at a fixed elevation, azimuths 0, 360/n, ... (starting at the front)."""
+    """n cameras on a turntable at a fixed elevation, azimuths start, start + 360/n, ... (0: the front)."""
     _validate((elevation, elevation), (distance, distance), (fovy, fovy), scene_radius=scene_radius)
-    azimuth = torch.arange(n, dtype=torch.float32) * (360.0 / n)
+    azimuth = start_azimuth + torch.arange(n, dtype=torch.float32) * (360.0 / n)
     full = torch.full((n,), 1.0)
     return _batch(full * elevation, azimuth, full * distance, full * fovy, thresholds)
 

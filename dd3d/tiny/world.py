@@ -426,24 +426,24 @@ def _normals(kind, points, scale, eps=2e-3):
 
 @torch.no_grad()
 def render(scenes: Scenes, resolution: int = 32, supersample: int = 2, steps: int = 64, chunk: int = 64,
-           device="cpu"):
+           device="cpu", lit: bool = True):
     """Shaded images (B, 3, R, R) in [0, 1] on the plain background, object coverage (B, R, R) in [0, 1] and body
     coverage (B, R, R): the share of each pixel showing the body (the captioned colour). CPU tensors; the work is
-    done on `device`."""
+    done on `device`. lit=False: the materials' own colours, unlit (what an albedo render of the object shows)."""
     count = len(scenes)
     images = torch.empty(count, 3, resolution, resolution)
     coverage = torch.empty(count, resolution, resolution)
     body = torch.empty(count, resolution, resolution)
     for start in range(0, count, chunk):
         index = torch.arange(start, min(start + chunk, count))
-        image, cov, bod = _render_chunk(scenes, index, resolution * supersample, steps, torch.device(device))
+        image, cov, bod = _render_chunk(scenes, index, resolution * supersample, steps, torch.device(device), lit)
         images[index] = F.avg_pool2d(image, supersample).cpu()
         coverage[index] = F.avg_pool2d(cov[:, None], supersample)[:, 0].cpu()
         body[index] = F.avg_pool2d(bod[:, None], supersample)[:, 0].cpu()
     return images, coverage, body
 
 
-def _render_chunk(scenes: Scenes, index: torch.Tensor, size: int, steps: int, device: torch.device):
+def _render_chunk(scenes: Scenes, index: torch.Tensor, size: int, steps: int, device: torch.device, lit: bool):
     cams = CameraBatch(
         scenes.cameras.c2w[index], scenes.cameras.fovy_deg[index], scenes.cameras.elevation_deg[index],
         scenes.cameras.azimuth_deg[index], scenes.cameras.distance[index], [scenes.views[i] for i in index.tolist()],
@@ -488,7 +488,7 @@ def _render_chunk(scenes: Scenes, index: torch.Tensor, size: int, steps: int, de
         )
         albedo = palette[torch.arange(len(rays)), material]
         shade = AMBIENT + KEY * diffuse + FILL * fill
-        colour[rays] = (albedo * shade[:, None] + 0.18 * specular[:, None]).clamp(0, 1)
+        colour[rays] = (albedo * shade[:, None] + 0.18 * specular[:, None]).clamp(0, 1) if lit else albedo
         covered[rays] = 1.0
         is_body[rays] = ((material == PRIMARY) | (material == SHADED_ID)).float()
     image = colour.view(b, size, size, 3).permute(0, 3, 1, 2)
