@@ -45,6 +45,7 @@ RUN_FILES = ("config.yaml", "checkpoints", "validation", "train.log", "turntable
 NULLABLE = dict.fromkeys(("prompt", "model", "out", "prefix", "suffix"), "")  # types of keys whose default is null
 NULLABLE |= {"weights": [0.0], "class_index": 0, "guidance.grad_clip": 0.0, "export.threshold": 0.0}
 NULLABLE |= dict.fromkeys(("export.resolution", "export.texture", "export.face_budget"), 0)
+NULLABLE |= {"camera.light_direction": [0.0]}
 CONFIG_RANGES = {
     "sampler": ("in", ("auto", "gaussian", "prompts")),
     "sampler_bandwidth": (">=", 0),
@@ -57,6 +58,8 @@ CONFIG_RANGES = {
     "camera.batch_size": (">=", 1),
     "camera.width": (">=", 1),
     "camera.height": (">=", 1),
+    "renderer.ambient": (">=", 0),
+    "renderer.diffuse": (">=", 0),
     "shading.albedo_steps": (">=", 0),
     "shading.albedo": (">=", 0, "<=", 1),
     "shading.textureless": (">=", 0, "<=", 1),
@@ -109,15 +112,24 @@ def derived_seed(seed: int, asset: int, stream: int, step: int = 0) -> int:
     return int(np.random.SeedSequence([seed, asset, stream, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+DISTANT_LIGHT = 100.0  # world units: a point light this far away lights the scene box like a directional light
+
+
 def light_positions(cameras, cfg: DictConfig, generator: torch.Generator) -> torch.Tensor:
-    """A point light per camera: near the camera's direction, a random multiple of the camera distance away."""
-    direction = cameras.positions / cameras.distance[:, None]
+    """A point light per camera: near the camera's direction, a random multiple of the camera distance away
+    (DreamFusion); or, with cfg.light_direction, a distant light near that direction fixed in the world."""
+    fixed = cfg.light_direction is not None
+    if fixed:
+        direction = torch.nn.functional.normalize(torch.tensor(list(cfg.light_direction), dtype=torch.float32), dim=0)
+        direction = direction.expand(len(cameras), 3)
+    else:
+        direction = cameras.positions / cameras.distance[:, None]
     jittered = torch.nn.functional.normalize(
         direction + cfg.light_jitter * torch.randn(direction.shape, generator=generator), dim=-1
     )
     low, high = cfg.light_distance_range
     scale = low + (high - low) * torch.rand(len(cameras), generator=generator)
-    return jittered * (scale * cameras.distance)[:, None]
+    return jittered * (DISTANT_LIGHT if fixed else (scale * cameras.distance)[:, None])
 
 
 def pick_shading(cfg: DictConfig, step: int, generator: torch.Generator) -> str:
@@ -339,6 +351,9 @@ def check_config(cfg: DictConfig) -> None:
     if bool(cfg.dists) == bool(cfg.prompt):
         raise UserError("pass either --dist <distribution file> or --prompt <text>")
     check_ranges(cfg, CONFIG_RANGES)
+    light = cfg.camera.light_direction
+    if light is not None and (len(light) != 3 or not any(float(v) for v in light)):
+        raise UserError(f"camera.light_direction must be null or a non-zero [x, y, z], got {list(light)}")
     guidance = cfg.guidance
     check_timestep_range(guidance.min_step_percent, guidance.max_step_percent, guidance.max_step_percent_end)
     sample_training_cameras(cfg, None, 1)  # impossible camera ranges

@@ -111,6 +111,8 @@ def test_fp16_model_trains_the_fp32_scene_on_cpu(tiny_model, dist_file, tmp_path
         (["camera.elevation_range=[50,10]"], "impossible camera ranges"),
         (["camera.distance_range=[0.5,0.8]"], "impossible camera ranges"),
         (["dtype=fp8"], "dtype must be auto, fp32, fp16 or bf16"),
+        (["camera.light_direction=[1,0]"], "light_direction must be null or a non-zero [x, y, z]"),
+        (["renderer.ambient=-0.1"], "renderer.ambient"),
     ],
 )
 def test_bad_input(args, message, tiny_model, tmp_path, capsys):
@@ -138,3 +140,19 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tiny_model, dist_file, tmp
     code, err = cli(main, ["--dist", dist_file, "--model", tiny_model, "--out", tmp_path / "run", *SMALL], capsys)
     assert code == 2 and "loss became nan at step 3" in err and "step-000002.pt is kept" in err
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000002.pt"]
+
+
+def test_lights_follow_the_camera_or_stay_fixed_in_the_world():
+    """DreamFusion's default: each light sits near its camera; with camera.light_direction a distant light stays on
+    that side of the world whichever way the camera looks (front and back views lit from the same side)."""
+    from dd3d.cli import CONFIG_DIR, load_config
+    from dd3d.gen3d import light_positions
+    from dd3d.nerf import orbit_cameras
+
+    cfg = load_config("gen3d.yaml", None, []).camera
+    cameras = orbit_cameras(2, 15.0, 1.8, 50.0)  # azimuth 0 (front, +X) and 180 (back)
+    near = light_positions(cameras, cfg, torch.Generator().manual_seed(0))
+    assert (torch.nn.functional.cosine_similarity(near, cameras.positions) > 0.5).all()
+    fixed = load_config("gen3d.yaml", None, ["camera.light_direction=[1,0,1]"], base=CONFIG_DIR / "gen3d_cpu.yaml")
+    far = light_positions(cameras, fixed.camera, torch.Generator().manual_seed(0))
+    assert (far.norm(dim=-1) > 50).all() and (far[:, 0] > 0).all()  # both lit from the front, from far away
