@@ -56,6 +56,7 @@ CONFIG_RANGES = {
     "train.bandwidth": (">=", 0),
     "train.relax": (">=", 0, "<=", 1),
     "train.share_draws": (">=", 1),
+    "train.share_min_t": (">=", 0, "<", 1),
     "augment.crops": (">=", 0),
     "augment.crop_scale": (">", 0, "<=", 1),
     "checkpoint_every": (">=", 1),
@@ -146,14 +147,16 @@ def denoising_loss(
 def prompt_shares(backbone: Backbone, hidden: torch.Tensor, latents: torch.Tensor, train_cfg, seed: int,
                   chunk: int = 64) -> torch.Tensor:
     """Each prompt's share of the reference views (K,): the fraction of views whose denoising loss, summed over
-    train.share_draws noise/timestep draws shared by all prompts, is lowest under that prompt. Prompts that fit no
-    reference get zero weight in the prompt-mixture sampler."""
+    train.share_draws noise/timestep draws shared by all prompts, is lowest under that prompt. Timesteps are drawn
+    from the noisiest (1 - train.share_min_t) of the schedule, where an image's colour and layout are decided (near
+    t = 0 every prompt denoises alike). Prompts that fit no reference get zero weight in the prompt-mixture sampler."""
     generator = torch.Generator().manual_seed(seed)
     device, count = hidden.device, len(latents)
+    first_t = int(train_cfg.share_min_t * backbone.num_train_timesteps)
     losses = torch.zeros(len(hidden), count)
     for _ in range(train_cfg.share_draws):
         noise = torch.randn(latents.shape, generator=generator)
-        t = torch.randint(0, backbone.num_train_timesteps, (count,), generator=generator)
+        t = torch.randint(first_t, backbone.num_train_timesteps, (count,), generator=generator)
         for start in range(0, count, chunk):
             part = slice(start, start + chunk)
             clean, eps, steps = latents[part].to(device), noise[part].to(device), t[part].to(device)

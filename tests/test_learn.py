@@ -163,6 +163,26 @@ def test_two_mode_references(objective, backbone, monkeypatch):
         means = torch.stack([c.mean[0, 0] for c in mixture.components])
         assert (means > 0.5).sum() >= 2 and (means < -0.5).sum() >= 2, values  # both modes kept
         # Each prompt's share of the references: half the references want +1, half -1.
-        shares = prompt_shares(backbone, hidden.detach(), latents, OmegaConf.merge(cfg, {"share_draws": 2}), 0)
+        share_cfg = OmegaConf.merge(cfg, {"share_draws": 2, "share_min_t": 0.5})
+        shares = prompt_shares(backbone, hidden.detach(), latents, share_cfg, 0)
         assert shares.sum() == pytest.approx(1.0)
         assert shares[values > 0].sum() == pytest.approx(0.5) and shares[values < 0].sum() == pytest.approx(0.5)
+
+
+def test_prompt_shares_read_the_noisy_half_of_the_schedule(backbone, monkeypatch):
+    """share_min_t 0.5: every timestep of the share pass lies in the upper half of the schedule (where colour and
+    layout are decided); 0 draws from the whole schedule."""
+    from omegaconf import OmegaConf
+
+    from dd3d.learn import prompt_shares
+
+    seen = []
+    original = backbone.predict
+    monkeypatch.setattr(backbone, "predict", lambda noisy, t, cond: seen.append(t.clone()) or original(noisy, t, cond))
+    latents = torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
+    for low, check in ((0.5, lambda t: t.min() >= backbone.num_train_timesteps // 2), (0.0, lambda t: t.min() < 400)):
+        seen.clear()
+        cfg = OmegaConf.create({"share_draws": 4, "share_min_t": low, "min_snr_gamma": 5.0})
+        prompt_shares(backbone, hidden, latents, cfg, 0)
+        assert check(torch.cat(seen)), low
