@@ -49,7 +49,6 @@ ATTRIBUTES = {"kind": KINDS, "colour": COLOUR_NAMES, "view": VIEWS, "size": SIZE
 GRID_RESOLUTION = 64  # voxels per axis for the 3D geometry
 HAZE_MARGIN = 0.1  # occupied voxels farther than this (world units, 5% of the box) from the true surface are haze
 FRAMES = 8  # turntable frames read by the oracle
-WORLD_LIGHT_DISTANCE = 100.0  # the shaded frames' key light: a point this far away along world.KEY_LIGHT
 FIT_SCALES = tuple(float(s) for s in np.linspace(*SIZE_RANGE, 11))  # the world's size range in steps of 0.05
 
 
@@ -459,10 +458,10 @@ def asset_frames(scene, cfg, count: int = FRAMES, size: int = 64) -> tuple[dict[
     """Albedo and shaded frames of a gen3d scene (`frame_cameras`) and the view label of each camera. Shaded frames
     are lit the way the world lights the renders the oracle learned from: a distant key light in front of the object
     and above it (its direction fixed in the world, so back views see the shaded side), ambient plus fill around it."""
-    from dd3d.gen3d import render_views
+    from dd3d.gen3d import DISTANT_LIGHT, render_views
 
     cameras = frame_cameras(cfg, count).to(next(scene.parameters()).device)
-    key = F.normalize(torch.tensor(KEY_LIGHT), dim=0) * WORLD_LIGHT_DISTANCE
+    key = F.normalize(torch.tensor(KEY_LIGHT), dim=0) * DISTANT_LIGHT
     renderer = scene.renderer
     lighting = renderer.ambient, renderer.diffuse
     renderer.ambient, renderer.diffuse = AMBIENT + FILL / 2, KEY  # the fill light, seen ~60 degrees off on average
