@@ -245,8 +245,9 @@ def test_shaded_asset_frames_are_lit_from_the_front_of_the_world():
     scene.field.density = lambda p: 200.0 * (p.norm(dim=-1) < 0.5).float()
     scene.field.forward = lambda p: (scene.field.density(p), torch.ones_like(p))
     scene.field.normals = lambda p: F.normalize(p, dim=-1)
+    lighting = scene.renderer.ambient, scene.renderer.diffuse
     frames, views = ev.asset_frames(scene, cfg)
     brightness = [np.asarray(frame, dtype=float)[24:40, 24:40].mean() for frame in frames["shaded"]]
     front, back = views.index("front"), views.index("back")
     assert brightness[front] > brightness[back] + 40
-    assert scene.renderer.ambient == 0.1  # the scene's own lighting is back as it was
+    assert (scene.renderer.ambient, scene.renderer.diffuse) == lighting  # the scene's own lighting is back
