@@ -100,7 +100,7 @@ atomic checkpoints.
    decay {recipe['weight_decay']}, grad clip
    {recipe['grad_clip']}, min-SNR-{recipe['min_snr_gamma']:g} weighting, EMA {recipe['ema_decay']} (the
    exported weights).
-{_encoder_step(recipe, metrics.get("encoder"))}
+
 Training time on {hw['machine']} CPU ({hw['processor']}, {hw['cpu_count']} cores, {hw['torch_threads']} torch
 threads), torch {hw['torch']}: total **{_minutes(total)}** --
 {', '.join(f'{name} {_minutes(seconds)}' for name, seconds in timings.items())}.
@@ -135,23 +135,6 @@ and four views, and little else; other words in a prompt are mostly ignored. The
 CLIP vocabulary, but only the caption words were trained; the rest keep their random initial values.
 """
     atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def _encoder_step(recipe: dict, encoder: dict | None) -> str:
-    """Recipe step 4 (stage 6 of the trainer), when the model went through it."""
-    if encoder is None:
-        return ""
-    before, after = encoder["mse_before"], encoder["mse_after"]
-    errors = ", ".join(f"{family} {before[family]:.4f} -> {after[family]:.4f}" for family in before)
-    return f"""4. The VAE encoder fitted again to the frozen decoder on images outside the world's palette (score
-   distillation differentiates the encoder at such renders): {recipe['encoder_steps']} AdamW steps, LR
-   {recipe['encoder_lr']}, each on {recipe['encoder_batch']} renders with body colours drawn from the whole RGB cube
-   (lit and unlit), {recipe['encoder_batch']} soft colour blobs with speckle and {recipe['encoder_batch'] // 2} flat
-   colour fields, loss the VAE's reconstruction loss through the decoder; plus {recipe['encoder_anchor_weight']} x the
-   distance of world renders' latents to the old encoder's (the UNet's latents; relative to their variance).
-   Reconstruction MSE on held-out images before -> after: {errors}; the world renders' latents moved
-   {encoder['world_latent_drift']:.4f} of their variance.
-"""
 
 
 def cpu_model_name() -> str:

@@ -35,12 +35,6 @@ class Recipe:
     vae_kl_weight: float = 1e-6
     vae_colour_weight: float = 3.0
     vae_initial_logvar: float = -8.0
-    # the VAE encoder fitted again to the frozen decoder, on images outside the world's palette (stage 6)
-    encoder_steps: int = 2000
-    encoder_images: int = 1500  # renders per family: world palette (anchors), free colours lit, free colours unlit
-    encoder_batch: int = 16  # images per family per step
-    encoder_lr: float = 3e-4
-    encoder_anchor_weight: float = 10.0  # keeps the world renders' latents (the UNet's) where they were
     # text encoder + UNet
     unet_steps: int = 2500
     unet_restart_steps: int = 2000  # after unet_steps, warm restarts: cosine cycles of this many steps,

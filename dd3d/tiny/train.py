@@ -8,15 +8,12 @@ atomically):
   3. train the VAE (AutoencoderKL) on the training images; set its latent scaling factor
   4. encode the training images to latents once
   5. train the text encoder (CLIPTextModel) and the UNet (UNet2DConditionModel) jointly, with EMA weights
-  6. fit the VAE encoder again to its frozen decoder on images outside the world's palette, holding world renders
-     to their latents (`dd3d.tiny.encoder_fit`): score distillation differentiates the encoder there
-  7. export a StableDiffusionPipeline folder (EMA weights) with the oracle beside it, measure the quality bars with
+  6. export a StableDiffusionPipeline folder (EMA weights) with the oracle beside it, measure the quality bars with
      the oracle (`dd3d.tiny.quality`), write metrics.json and the model card (`dd3d.tiny.model_card`), then move the
      folder into place in one step
 
 Every random draw is a function of (seed, stage, step), so a killed run resumes to the same result. The command line
-also rewrites the model card alone, runs stage 6 alone on a finished model folder, or writes the bundled reference sets
-(`dd3d.tiny.reference_sets`).
+also rewrites the model card alone, or the bundled reference sets (`dd3d.tiny.reference_sets`).
 """
 
 from __future__ import annotations
@@ -32,14 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from omegaconf import OmegaConf
 
 from dd3d.backbone import DEFAULT_MODEL
 from dd3d.cli import UserError
 from dd3d.files import atomic_write
 from dd3d.progress import tqdm
-from dd3d.tiny import encoder_fit
 from dd3d.tiny import oracle as oracle_lib
 from dd3d.tiny.build import build_tiny_pipeline
 from dd3d.tiny.model_card import hardware, rewrite_model_card, write_model_card
@@ -104,8 +100,7 @@ class Trainer:
         self.train_vae(pipeline.vae, train)
         latents = self.encode(pipeline.vae, train)
         self.train_unet(pipeline, train, latents)
-        encoder = self.fit_encoder(pipeline.vae)
-        return self.export(pipeline, oracle, heldout, encoder)
+        return self.export(pipeline, oracle, heldout)
 
     # --- 1. data -----------------------------------------------------------------------------------------------
     def render(self) -> tuple[dict, dict]:
@@ -299,72 +294,8 @@ class Trainer:
                     self._tick("unet")
         return step
 
-    # --- 6. the encoder off the world's palette --------------------------------------------------------------------
-    def fit_encoder(self, vae) -> dict:
-        """Stage 6 (`dd3d.tiny.encoder_fit`); returns its measurements on a held-out image set: reconstruction MSE
-        per family before and after, and how far the world renders' latents moved (relative to their variance)."""
-        recipe, path = self.recipe, self.work / "checkpoints" / "encoder.ckpt"
-        data_path = self.work / "data" / "encoder.pt"
-        if not data_path.exists():
-            self._start("encoder")
-            data = {split: encoder_fit.image_set(count, recipe.seed * 1000 + offset, recipe.resolution)
-                    for split, count, offset in (("train", recipe.encoder_images, 61),
-                                                 ("heldout", max(1, recipe.encoder_images // 4), 71))}
-            _save_torch(data_path, data)
-            self._tick("encoder")
-        data = torch.load(data_path)
-        vae.to(self.device).eval()
-        frozen = copy.deepcopy(vae.encoder).requires_grad_(False), copy.deepcopy(vae.quant_conv).requires_grad_(False)
-
-        def frozen_means(pixels):
-            return frozen[1](frozen[0](pixels)).chunk(2, dim=1)[0]
-
-        heldout = {family: images.to(self.device) for family, images in data["heldout"].items()}
-
-        def errors():
-            return {family: encoder_fit.reconstruction_error(vae, images) for family, images in heldout.items()}
-
-        before = errors()
-        params = encoder_fit.encoder_parameters(vae)
-        optimiser = torch.optim.AdamW(params, lr=recipe.encoder_lr, weight_decay=0.0)
-        step = 0
-        if path.exists():
-            state = torch.load(path, map_location=self.device)
-            vae.load_state_dict(state["vae"])
-            optimiser.load_state_dict(state["optimiser"])
-            step = state["step"]
-        images = {family: images.to(self.device) for family, images in data["train"].items()}
-        if step < recipe.encoder_steps:
-            self._start("encoder")
-            with tqdm(total=recipe.encoder_steps, initial=step, desc="encoder") as bar:
-                while step < recipe.encoder_steps:
-                    generator = keyed_generator(recipe.seed, 6, step)
-                    loss = encoder_fit.encoder_step(vae, frozen_means, images, recipe.encoder_batch,
-                                                    recipe.encoder_anchor_weight, generator)
-                    optimiser.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
-                    optimiser.step()
-                    step += 1
-                    bar.update()
-                    bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-                    if step % recipe.checkpoint_every == 0 or step == recipe.encoder_steps:
-                        _save_torch(path, {"vae": vae.state_dict(), "optimiser": optimiser.state_dict(), "step": step})
-                        self._tick("encoder")
-        vae.requires_grad_(False).eval()
-        with torch.no_grad():
-            world_pixels = heldout["world"] * 2 - 1
-            old = frozen_means(world_pixels)
-            drift = float((vae.encode(world_pixels).latent_dist.mean - old).pow(2).mean() / old.var())
-        result = {"mse_before": before, "mse_after": errors(), "world_latent_drift": drift}
-        self.log("encoder: reconstruction MSE " + ", ".join(
-            f"{family} {before[family]:.4f} -> {result['mse_after'][family]:.4f}" for family in before
-        ) + f"; world latents moved {drift:.4f} of their variance")
-        return result
-
-    # --- 7. export and measure ---------------------------------------------------------------------------------
-    def export(self, pipeline: StableDiffusionPipeline, oracle: oracle_lib.Oracle, heldout: dict,
-               encoder: dict) -> dict:
+    # --- 6. export and measure ---------------------------------------------------------------------------------
+    def export(self, pipeline: StableDiffusionPipeline, oracle: oracle_lib.Oracle, heldout: dict) -> dict:
         self._start("evaluate")
         staging = self.model_dir.with_name(f".{self.model_dir.name}.staging{os.getpid()}")
         if staging.exists():
@@ -379,7 +310,6 @@ class Trainer:
         metrics = {
             "oracle_heldout_accuracy": oracle.metrics["heldout_accuracy"],
             "quality": quality,
-            "encoder": encoder,
             "timings_s": self.timings,
             "hardware": hardware(),
             "recipe": asdict(self.recipe),
@@ -393,31 +323,6 @@ class Trainer:
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         replace_folder(staging, self.model_dir)
         self.log(f"model written to {self.model_dir} ({metrics['folder_mb']:.1f} MB)")
-        return metrics
-
-
-    def refit_encoder_of_model(self) -> dict:
-        """Stage 6 alone on the finished model in model_dir: its VAE, metrics.json (encoder, the recipe's encoder
-        keys, timings) and card are rewritten in a staging copy that then replaces the folder."""
-        if not (self.model_dir / "vae" / "config.json").is_file():
-            raise UserError(f"{self.model_dir} holds no finished model (no vae/config.json)")
-        self.check_recipe()
-        vae = AutoencoderKL.from_pretrained(self.model_dir / "vae")
-        encoder = self.fit_encoder(vae)
-        staging = self.model_dir.with_name(f".{self.model_dir.name}.staging{os.getpid()}")
-        if staging.exists():
-            shutil.rmtree(staging)
-        shutil.copytree(self.model_dir, staging)
-        vae.to("cpu").save_pretrained(str(staging / "vae"), safe_serialization=True)
-        metrics = json.loads((staging / "metrics.json").read_text())
-        metrics["encoder"] = encoder
-        metrics["recipe"].update({k: v for k, v in asdict(self.recipe).items() if k.startswith("encoder_")})
-        metrics["timings_s"]["encoder"] = self.timings.get("encoder", 0.0)
-        metrics["folder_mb"] = folder_size(staging) / 2**20
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        write_model_card(staging / "README.md", metrics)
-        replace_folder(staging, self.model_dir)
-        self.log(f"encoder of {self.model_dir} fitted off the palette")
         return metrics
 
 
@@ -457,9 +362,6 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--reference-sets", action="store_true",
                         help=f"only (re)write the bundled reference sets under {REFS_DIR} and exit")
-    parser.add_argument("--fit-encoder", action="store_true",
-                        help="only run stage 6 (the VAE encoder off the world's palette) on the finished model "
-                             "in --model-dir, with --out as its work folder; rewrites its VAE, metrics and card")
     parser.add_argument("--model-card", action="store_true",
                         help="only regenerate README.md of --model-dir from its metrics.json and exit")
     add_config_arguments(parser)
@@ -482,12 +384,7 @@ def main(argv=None) -> None:
     prepare_run_dir(args.out, run_flags["resume"], run_flags["overwrite"], "train_tiny_backbone", WORK_FILES)
     recipe = Recipe(**cfg)
     started = time.time()
-    trainer = Trainer(args.out, recipe, args.model_dir, args.device, log=tqdm.write)
-    if args.fit_encoder:
-        metrics = trainer.refit_encoder_of_model()
-        print(f"done in {(time.time() - started) / 60:.1f} min: {args.model_dir} ({metrics['folder_mb']:.1f} MB)")
-        return
-    metrics = trainer.run()
+    metrics = Trainer(args.out, recipe, args.model_dir, args.device, log=tqdm.write).run()
     quality = metrics["quality"]
     print(
         f"done in {(time.time() - started) / 60:.1f} min: {args.model_dir} ({metrics['folder_mb']:.1f} MB); "
