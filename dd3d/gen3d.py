@@ -67,6 +67,7 @@ CONFIG_RANGES = {
     "guidance.anneal_steps": (">=", 0),
     "guidance.weighting": ("in", ("sds", "uniform")),
     "guidance.grad_clip": (">", 0),
+    "guidance.recon_weight": (">=", 0),
     "optim.lr": (">", 0),
     "optim.eps": (">", 0),
     "optim.betas": (">=", 0, "<", 1),

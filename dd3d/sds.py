@@ -70,6 +70,7 @@ class ScoreDistillation:
         anneal_steps: int = 0,
         weighting: str = "sds",
         grad_clip: float | None = None,
+        recon_weight: float = 0.0,
     ):
         check_timestep_range(min_step_percent, max_step_percent, max_step_percent_end)
         self.backbone = backbone
@@ -79,6 +80,7 @@ class ScoreDistillation:
         self.anneal_steps = anneal_steps
         self.weighting = weighting
         self.grad_clip = grad_clip
+        self.recon_weight = recon_weight
 
     def step_range(self, iteration: int) -> tuple[int, int]:
         """[min, max] timestep; the max falls linearly to max_step_percent_end over anneal_steps iterations."""
@@ -90,17 +92,26 @@ class ScoreDistillation:
         low = int(steps * self.min_step_percent)
         return low, min(steps - 1, max(low + 1, int(steps * top)))
 
-    def encode(self, rgb: torch.Tensor) -> torch.Tensor:
-        """Rendered images (B, H, W, 3) in [0, 1] -> latents, resized to the model's native size (with grad)."""
+    def encode(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rendered images (B, H, W, 3) in [0, 1] -> (pixels at the model's native size in [-1, 1], their latents),
+        both with grad."""
         size = self.backbone.resolution
-        pixels = F.interpolate(rgb.permute(0, 3, 1, 2), (size, size), mode="bilinear", align_corners=False)
-        return self.backbone.encode_images(pixels * 2 - 1).float()
+        pixels = F.interpolate(rgb.permute(0, 3, 1, 2), (size, size), mode="bilinear", align_corners=False) * 2 - 1
+        return pixels, self.backbone.encode_images(pixels).float()
+
+    def reconstruction_loss(self, pixels: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """0.5 |x - D(E(x))|^2 (summed over pixels in [0, 1], averaged over the batch), the reconstruction held
+        fixed: it pulls a render towards what the UNet is shown of it, where the VAE reads it differently (a small
+        VAE reads colours it never saw as others, and SDS then cannot correct them)."""
+        with torch.no_grad():
+            reconstruction = self.backbone.decode_latents(latents.detach()).float()
+        return 0.125 * F.mse_loss(pixels, reconstruction, reduction="sum") / pixels.shape[0]
 
     def __call__(
         self, rgb: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, iteration: int, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict]:
         """The SDS loss for a batch of renders; `cond`/`uncond` are (B, 77, d) text embeddings."""
-        latents = self.encode(rgb)
+        pixels, latents = self.encode(rgb)
         low, high = self.step_range(iteration)
         batch = latents.shape[0]
         t = torch.randint(low, high + 1, (batch,), generator=generator).to(latents.device)
@@ -109,4 +120,7 @@ class ScoreDistillation:
         gradient = torch.nan_to_num(gradient)
         if self.grad_clip is not None:
             gradient = gradient.clamp(-self.grad_clip, self.grad_clip)
-        return sds_loss(latents, gradient), {"t": t.float().mean().item(), "grad_norm": gradient.norm().item()}
+        loss = sds_loss(latents, gradient)
+        if self.recon_weight > 0:
+            loss = loss + self.recon_weight * self.reconstruction_loss(pixels, latents)
+        return loss, {"t": t.float().mean().item(), "grad_norm": gradient.norm().item()}

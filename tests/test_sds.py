@@ -69,3 +69,21 @@ def test_half_precision_model_guides_the_fp32_render_like_fp32(tiny_model, backb
         assert loss.dtype == torch.float32 and rgb.grad.dtype == torch.float32 and rgb.grad.isfinite().all()
         grads.append(rgb.grad.flatten())
     assert torch.cosine_similarity(*grads, dim=0) > 0.95
+
+
+def test_reconstruction_pull_moves_each_pixel_towards_what_the_vae_shows(backbone):
+    """recon_weight adds w (x - D(E(x))) to the gradient on every pixel (in [0, 1] units), D(E(x)) held fixed."""
+    size = backbone.resolution
+    pixels = torch.rand(2, size, size, 3, generator=torch.Generator().manual_seed(3))
+    cond, uncond = torch.randn(2, 77, 32), torch.zeros(2, 77, 32)
+    grads = []
+    for weight in (0.0, 4.0):
+        rgb = pixels.clone().requires_grad_(True)
+        guidance = ScoreDistillation(backbone, recon_weight=weight)
+        loss, _ = guidance(rgb, cond, uncond, 0, torch.Generator().manual_seed(0))
+        loss.backward()
+        grads.append(rgb.grad)
+    with torch.no_grad():
+        shown = (backbone.decode_latents(backbone.encode_images(pixels.permute(0, 3, 1, 2) * 2 - 1)) + 1) / 2
+    expected = 4.0 * (pixels - shown.permute(0, 2, 3, 1)) / 2  # averaged over the batch of 2
+    assert torch.allclose(grads[1] - grads[0], expected, atol=1e-5)
