@@ -43,7 +43,8 @@ RUN_KIND = "gen3d"
 # What a run writes in its folder (and in each sample-N/ of a multi-asset run); mesh.* includes export_mesh.py's files.
 RUN_FILES = ("config.yaml", "checkpoints", "validation", "train.log", "turntable.*", "mesh.*", "sample-*")
 NULLABLE = dict.fromkeys(("prompt", "model", "out", "prefix", "suffix"), "")  # types of keys whose default is null
-NULLABLE |= {"weights": [0.0], "class_index": 0, "guidance.grad_clip": 0.0, "export.threshold": 0.0}
+NULLABLE |= {"weights": [0.0], "class_index": 0, "export.threshold": 0.0}
+NULLABLE |= dict.fromkeys(("guidance.grad_clip", "guidance.recon_weight_end"), 0.0)
 NULLABLE |= dict.fromkeys(("export.resolution", "export.texture", "export.face_budget"), 0)
 NULLABLE |= {"camera.light_direction": [0.0]}
 CONFIG_RANGES = {
@@ -68,6 +69,7 @@ CONFIG_RANGES = {
     "guidance.weighting": ("in", ("sds", "uniform")),
     "guidance.grad_clip": (">", 0),
     "guidance.recon_weight": (">=", 0),
+    "guidance.recon_weight_end": (">=", 0),
     "optim.lr": (">", 0),
     "optim.eps": (">", 0),
     "optim.betas": (">=", 0, "<", 1),

@@ -71,6 +71,7 @@ class ScoreDistillation:
         weighting: str = "sds",
         grad_clip: float | None = None,
         recon_weight: float = 0.0,
+        recon_weight_end: float | None = None,
     ):
         check_timestep_range(min_step_percent, max_step_percent, max_step_percent_end)
         self.backbone = backbone
@@ -80,14 +81,17 @@ class ScoreDistillation:
         self.anneal_steps = anneal_steps
         self.weighting = weighting
         self.grad_clip = grad_clip
-        self.recon_weight = recon_weight
+        self.recon_weight, self.recon_weight_end = recon_weight, recon_weight_end
+
+    def annealed(self, start: float, end: float | None, iteration: int) -> float:
+        """`start` moved linearly to `end` over anneal_steps iterations (`start` throughout when end is None)."""
+        if end is None or self.anneal_steps <= 0:
+            return start
+        return start + (end - start) * min(iteration / self.anneal_steps, 1.0)
 
     def step_range(self, iteration: int) -> tuple[int, int]:
         """[min, max] timestep; the max falls linearly to max_step_percent_end over anneal_steps iterations."""
-        top = self.max_step_percent
-        if self.max_step_percent_end is not None and self.anneal_steps > 0:
-            progress = min(iteration / self.anneal_steps, 1.0)
-            top = top + (self.max_step_percent_end - top) * progress
+        top = self.annealed(self.max_step_percent, self.max_step_percent_end, iteration)
         steps = self.backbone.num_train_timesteps
         low = int(steps * self.min_step_percent)
         return low, min(steps - 1, max(low + 1, int(steps * top)))
@@ -121,6 +125,7 @@ class ScoreDistillation:
         if self.grad_clip is not None:
             gradient = gradient.clamp(-self.grad_clip, self.grad_clip)
         loss = sds_loss(latents, gradient)
-        if self.recon_weight > 0:
-            loss = loss + self.recon_weight * self.reconstruction_loss(pixels, latents)
+        recon_weight = self.annealed(self.recon_weight, self.recon_weight_end, iteration)
+        if recon_weight > 0:
+            loss = loss + recon_weight * self.reconstruction_loss(pixels, latents)
         return loss, {"t": t.float().mean().item(), "grad_norm": gradient.norm().item()}

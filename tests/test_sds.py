@@ -71,16 +71,20 @@ def test_half_precision_model_guides_the_fp32_render_like_fp32(tiny_model, backb
     assert torch.cosine_similarity(*grads, dim=0) > 0.95
 
 
-def test_reconstruction_pull_moves_each_pixel_towards_what_the_vae_shows(backbone):
-    """recon_weight adds w (x - D(E(x))) to the gradient on every pixel (in [0, 1] units), D(E(x)) held fixed."""
+@pytest.mark.parametrize("schedule", [dict(recon_weight=4.0, iteration=0), dict(recon_weight=12.0,
+                                      recon_weight_end=0.0, anneal_steps=90, iteration=60)])
+def test_reconstruction_pull_moves_each_pixel_towards_what_the_vae_shows(backbone, schedule):
+    """recon_weight w adds w (x - D(E(x))) to the gradient on every pixel (in [0, 1] units), D(E(x)) held fixed;
+    with recon_weight_end, w moves linearly to it over anneal_steps (here 12 -> 0: 4 at two thirds of the way)."""
     size = backbone.resolution
     pixels = torch.rand(2, size, size, 3, generator=torch.Generator().manual_seed(3))
     cond, uncond = torch.randn(2, 77, 32), torch.zeros(2, 77, 32)
+    iteration = schedule.pop("iteration")
     grads = []
-    for weight in (0.0, 4.0):
+    for settings in ({}, schedule):
         rgb = pixels.clone().requires_grad_(True)
-        guidance = ScoreDistillation(backbone, recon_weight=weight)
-        loss, _ = guidance(rgb, cond, uncond, 0, torch.Generator().manual_seed(0))
+        guidance = ScoreDistillation(backbone, **settings)
+        loss, _ = guidance(rgb, cond, uncond, iteration, torch.Generator().manual_seed(0))
         loss.backward()
         grads.append(rgb.grad)
     with torch.no_grad():
