@@ -45,7 +45,7 @@ def run(backbone: Backbone, cfg, iterations: int) -> dict:
     device = backbone.device
     scene = Scene(cfg).to(device)
     optimizer = torch.optim.Adam(scene.parameters(), lr=1e-2, eps=1e-15)
-    guidance = ScoreDistillation(backbone)
+    guidance = ScoreDistillation(backbone, recon_weight=cfg.guidance.recon_weight)
     d = backbone.text_encoder.config.hidden_size
     cond, uncond = torch.randn(1, 77, d, device=device), torch.randn(1, 77, d, device=device)
     timer = Timer(device)
@@ -58,13 +58,17 @@ def run(backbone: Backbone, cfg, iterations: int) -> dict:
         with timer("render"):
             rgb = scene.render(cameras, cfg.camera.height, cfg.camera.width)["rgb"]
         with timer("vae encode"):
-            latents = guidance.encode(rgb)
+            pixels, latents = guidance.encode(rgb)
         t = torch.randint(20, 980, (1,), device=device)
         noise = torch.randn_like(latents)
         with timer("unet (cfg)"):
             gradient = sds_gradient(backbone, latents, cond, uncond, t, noise, 100.0)
+        loss = sds_loss(latents, gradient)
+        if guidance.recon_weight > 0:
+            with timer("recon decode"):
+                loss = loss + guidance.recon_weight * guidance.reconstruction_loss(pixels, latents)
         with timer("backward"):
-            sds_loss(latents, gradient).backward()
+            loss.backward()
         with timer("optimiser"):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -74,7 +78,7 @@ def run(backbone: Backbone, cfg, iterations: int) -> dict:
         if step == 3:
             timer.totals.pop("floor", None)
         with timer("floor"):
-            latents = guidance.encode(image)
+            _, latents = guidance.encode(image)
             gradient = sds_gradient(
                 backbone, latents, cond, uncond, torch.tensor([500], device=device), torch.randn_like(latents), 100.0
             )

@@ -110,7 +110,7 @@ def stage2(dtype: torch.dtype) -> tuple[dict, int, str]:
         out = scene.render(cameras, cfg.camera.height, cfg.camera.width, "lambertian", lights, normals=True)
         render_live = tracker.current
         rgb = out["rgb"].detach().to("meta").requires_grad_(True)  # SDS through the VAE encoder, on meta
-        latents = guidance.encode(rgb)
+        _, latents = guidance.encode(rgb)
         t = torch.tensor([500], device="meta")
         gradient = sds_gradient(backbone, latents, cond, uncond, t, torch.zeros_like(latents), 100.0)
         sds_loss(latents, gradient).backward()
