@@ -1,4 +1,5 @@
-"""Stage-2 iteration time split into render, VAE encode, UNet (CFG), backward and optimiser step.
+"""Stage-2 iteration time split into render, VAE encode, UNet (CFG), the reconstruction pull's decode (when the
+profile uses it), backward and optimiser step.
 
 CPU: the embedded default model with configs/gen3d_cpu.yaml. GPU: a Stable-Diffusion-2.1-base-shaped model with
 random weights in fp16 (UNet, VAE) and the fp32 render at 64x64 with configs/gen3d.yaml. Also prints the UNet-only floor
