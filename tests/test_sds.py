@@ -79,9 +79,10 @@ def test_reconstruction_pull_moves_each_pixel_towards_what_the_vae_shows(backbon
     size = backbone.resolution
     pixels = torch.rand(2, size, size, 3, generator=torch.Generator().manual_seed(3))
     cond, uncond = torch.randn(2, 77, 32), torch.zeros(2, 77, 32)
-    iteration = schedule.pop("iteration")
+    scheduled = dict(schedule)
+    iteration = scheduled.pop("iteration")
     grads = []
-    for settings in ({}, schedule):
+    for settings in ({}, scheduled):
         rgb = pixels.clone().requires_grad_(True)
         guidance = ScoreDistillation(backbone, **settings)
         loss, _ = guidance(rgb, cond, uncond, iteration, torch.Generator().manual_seed(0))
