@@ -67,7 +67,7 @@ def run(backbone: Backbone, cfg, iterations: int) -> dict:
         loss = sds_loss(latents, gradient)
         if guidance.recon_weight > 0:
             with timer("recon decode"):
-                loss = loss + guidance.recon_weight * guidance.reconstruction_loss(pixels, latents)
+                loss = loss + guidance.reconstruction_loss(pixels, latents, guidance.recon_weight)
         with timer("backward"):
             loss.backward()
         with timer("optimiser"):

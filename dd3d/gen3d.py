@@ -70,6 +70,7 @@ CONFIG_RANGES = {
     "guidance.grad_clip": (">", 0),
     "guidance.recon_weight": (">=", 0),
     "guidance.recon_weight_end": (">=", 0),
+    "guidance.recon_chroma_weight": (">=", 0),
     "optim.lr": (">", 0),
     "optim.eps": (">", 0),
     "optim.betas": (">=", 0, "<", 1),

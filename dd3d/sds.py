@@ -72,6 +72,7 @@ class ScoreDistillation:
         grad_clip: float | None = None,
         recon_weight: float = 0.0,
         recon_weight_end: float | None = None,
+        recon_chroma_weight: float = 0.0,
     ):
         check_timestep_range(min_step_percent, max_step_percent, max_step_percent_end)
         self.backbone = backbone
@@ -82,6 +83,7 @@ class ScoreDistillation:
         self.weighting = weighting
         self.grad_clip = grad_clip
         self.recon_weight, self.recon_weight_end = recon_weight, recon_weight_end
+        self.recon_chroma_weight = recon_chroma_weight
 
     def annealed(self, start: float, end: float | None, iteration: int) -> float:
         """`start` moved linearly to `end` over anneal_steps iterations (`start` throughout when end is None)."""
@@ -103,13 +105,20 @@ class ScoreDistillation:
         pixels = F.interpolate(rgb.permute(0, 3, 1, 2), (size, size), mode="bilinear", align_corners=False) * 2 - 1
         return pixels, self.backbone.encode_images(pixels).float()
 
-    def reconstruction_loss(self, pixels: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """0.5 |x - D(E(x))|^2 (summed over pixels in [0, 1], averaged over the batch), the reconstruction held
-        fixed: it pulls a render towards what the UNet is shown of it, where the VAE reads it differently (a small
-        VAE reads colours it never saw as others, and SDS then cannot correct them)."""
+    def reconstruction_loss(
+        self, pixels: torch.Tensor, latents: torch.Tensor, weight: float, chroma_weight: float = 0.0
+    ) -> torch.Tensor:
+        """weight/2 |x - D(E(x))|^2 + chroma_weight/2 |its chroma part|^2 (summed over pixels in [0, 1], averaged
+        over the batch; the chroma part is the residual less its mean over the colour channels), D(E(x)) held fixed:
+        it pulls a render towards what the UNet is shown of it, where the VAE reads it differently (a small VAE
+        reads colours it never saw as others, and SDS then cannot correct them). The chroma part corrects colour
+        only, leaving the shading and edges that carry the shape to SDS."""
         with torch.no_grad():
             reconstruction = self.backbone.decode_latents(latents.detach()).float()
-        return 0.125 * F.mse_loss(pixels, reconstruction, reduction="sum") / pixels.shape[0]
+        residual = pixels - reconstruction
+        chroma = residual - residual.mean(dim=1, keepdim=True)
+        total = weight * residual.square().sum() + chroma_weight * chroma.square().sum()
+        return 0.125 * total / pixels.shape[0]
 
     def __call__(
         self, rgb: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, iteration: int, generator: torch.Generator
@@ -126,6 +135,6 @@ class ScoreDistillation:
             gradient = gradient.clamp(-self.grad_clip, self.grad_clip)
         loss = sds_loss(latents, gradient)
         recon_weight = self.annealed(self.recon_weight, self.recon_weight_end, iteration)
-        if recon_weight > 0:
-            loss = loss + recon_weight * self.reconstruction_loss(pixels, latents)
+        if recon_weight > 0 or self.recon_chroma_weight > 0:
+            loss = loss + self.reconstruction_loss(pixels, latents, recon_weight, self.recon_chroma_weight)
         return loss, {"t": t.float().mean().item(), "grad_norm": gradient.norm().item()}

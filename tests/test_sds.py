@@ -71,24 +71,30 @@ def test_half_precision_model_guides_the_fp32_render_like_fp32(tiny_model, backb
     assert torch.cosine_similarity(*grads, dim=0) > 0.95
 
 
-@pytest.mark.parametrize("schedule", [dict(recon_weight=4.0, iteration=0), dict(recon_weight=12.0,
-                                      recon_weight_end=0.0, anneal_steps=90, iteration=60)])
-def test_reconstruction_pull_moves_each_pixel_towards_what_the_vae_shows(backbone, schedule):
+@pytest.mark.parametrize("settings, iteration, full, chroma", [
+    (dict(recon_weight=4.0), 0, 4.0, 0.0),
+    (dict(recon_weight=12.0, recon_weight_end=0.0, anneal_steps=90), 60, 4.0, 0.0),
+    (dict(recon_weight=12.0, recon_weight_end=0.0, anneal_steps=90, recon_chroma_weight=2.0), 90, 0.0, 2.0),
+])
+def test_reconstruction_pull_moves_each_pixel_towards_what_the_vae_shows(backbone, settings, iteration, full, chroma):
     """recon_weight w adds w (x - D(E(x))) to the gradient on every pixel (in [0, 1] units), D(E(x)) held fixed;
-    with recon_weight_end, w moves linearly to it over anneal_steps (here 12 -> 0: 4 at two thirds of the way)."""
+    with recon_weight_end, w moves linearly to it over anneal_steps (here 12 -> 0: 4 at two thirds of the way);
+    recon_chroma_weight c adds c times the residual less its mean over the colour channels (colour only)."""
     size = backbone.resolution
     pixels = torch.rand(2, size, size, 3, generator=torch.Generator().manual_seed(3))
     cond, uncond = torch.randn(2, 77, 32), torch.zeros(2, 77, 32)
-    scheduled = dict(schedule)
-    iteration = scheduled.pop("iteration")
     grads = []
-    for settings in ({}, scheduled):
+    for options in ({}, settings):
         rgb = pixels.clone().requires_grad_(True)
-        guidance = ScoreDistillation(backbone, **settings)
+        guidance = ScoreDistillation(backbone, **options)
         loss, _ = guidance(rgb, cond, uncond, iteration, torch.Generator().manual_seed(0))
         loss.backward()
         grads.append(rgb.grad)
     with torch.no_grad():
         shown = (backbone.decode_latents(backbone.encode_images(pixels.permute(0, 3, 1, 2) * 2 - 1)) + 1) / 2
-    expected = 4.0 * (pixels - shown.permute(0, 2, 3, 1)) / 2  # averaged over the batch of 2
+    residual = pixels - shown.permute(0, 2, 3, 1)
+    colour_only = residual - residual.mean(dim=-1, keepdim=True)
+    expected = (full * residual + chroma * colour_only) / 2  # averaged over the batch of 2
     assert torch.allclose(grads[1] - grads[0], expected, atol=1e-5)
+    if chroma:
+        assert torch.allclose((grads[1] - grads[0]).sum(dim=-1), torch.zeros(()), atol=1e-5)  # leaves brightness
