@@ -302,7 +302,7 @@ def train_asset(cfg: DictConfig, backbone, prompts: ViewPrompts, asset: int, fol
         )
         eps, uniforms = noise.draw(len(cameras), generator)
         cond, uncond = prompts.draw(cameras.views, eps, uniforms)
-        sds, info = guidance(out["rgb"], cond.to(device), uncond.to(device), step, generator)
+        sds, info = guidance(out["rgb"], cond.to(device), uncond.to(device), step, generator, out["opacity"])
         loss = (
             sds
             + cfg.loss.orient * out["loss_orient"]

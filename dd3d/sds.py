@@ -101,29 +101,49 @@ class ScoreDistillation:
     def encode(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rendered images (B, H, W, 3) in [0, 1] -> (pixels at the model's native size in [-1, 1], their latents),
         both with grad."""
-        size = self.backbone.resolution
-        pixels = F.interpolate(rgb.permute(0, 3, 1, 2), (size, size), mode="bilinear", align_corners=False) * 2 - 1
+        pixels = self.resize(rgb) * 2 - 1
         return pixels, self.backbone.encode_images(pixels).float()
 
+    def resize(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, C, size, size) at the model's native size."""
+        size = self.backbone.resolution
+        return F.interpolate(images.permute(0, 3, 1, 2), (size, size), mode="bilinear", align_corners=False)
+
     def reconstruction_loss(
-        self, pixels: torch.Tensor, latents: torch.Tensor, weight: float, chroma_weight: float = 0.0
+        self,
+        pixels: torch.Tensor,
+        latents: torch.Tensor,
+        weight: float,
+        chroma_weight: float = 0.0,
+        opacity: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """weight/2 |x - D(E(x))|^2 + chroma_weight/2 |its chroma part|^2 (summed over pixels in [0, 1], averaged
         over the batch; the chroma part is the residual less its mean over the colour channels), D(E(x)) held fixed:
         it pulls a render towards what the UNet is shown of it, where the VAE reads it differently (a small VAE
         reads colours it never saw as others, and SDS then cannot correct them). The chroma part corrects colour
-        only, leaving the shading and edges that carry the shape to SDS."""
+        only, leaving the shading and edges that carry the shape to SDS; with the render's opacity (B, H, W, 1) it
+        is weighted by it, so the reconstruction's blurred edges do not paint the object's colour onto the
+        background."""
         with torch.no_grad():
             reconstruction = self.backbone.decode_latents(latents.detach()).float()
         residual = pixels - reconstruction
         chroma = residual - residual.mean(dim=1, keepdim=True)
+        if opacity is not None:
+            chroma = chroma * self.resize(opacity.detach()).sqrt()
         total = weight * residual.square().sum() + chroma_weight * chroma.square().sum()
         return 0.125 * total / pixels.shape[0]
 
     def __call__(
-        self, rgb: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, iteration: int, generator: torch.Generator
+        self,
+        rgb: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        iteration: int,
+        generator: torch.Generator,
+        opacity: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
-        """The SDS loss for a batch of renders; `cond`/`uncond` are (B, 77, d) text embeddings."""
+        """The SDS loss for a batch of renders; `cond`/`uncond` are (B, 77, d) text embeddings; `opacity` weights the
+        colour-only pull (None: every pixel fully)."""
         pixels, latents = self.encode(rgb)
         low, high = self.step_range(iteration)
         batch = latents.shape[0]
@@ -136,5 +156,7 @@ class ScoreDistillation:
         loss = sds_loss(latents, gradient)
         recon_weight = self.annealed(self.recon_weight, self.recon_weight_end, iteration)
         if recon_weight > 0 or self.recon_chroma_weight > 0:
-            loss = loss + self.reconstruction_loss(pixels, latents, recon_weight, self.recon_chroma_weight)
+            loss = loss + self.reconstruction_loss(
+                pixels, latents, recon_weight, self.recon_chroma_weight, opacity
+            )
         return loss, {"t": t.float().mean().item(), "grad_norm": gradient.norm().item()}

@@ -98,3 +98,28 @@ def test_reconstruction_pull_moves_each_pixel_towards_what_the_vae_shows(backbon
     assert torch.allclose(grads[1] - grads[0], expected, atol=1e-5)
     if chroma:
         assert torch.allclose((grads[1] - grads[0]).sum(dim=-1), torch.zeros(()), atol=1e-5)  # leaves brightness
+
+
+def test_colour_pull_leaves_pixels_the_object_does_not_cover(backbone):
+    """With the render's opacity given, the colour-only pull is weighted by it: background pixels (opacity 0) are not
+    pulled, so it cannot paint the object's colour onto the background; covered pixels get the full pull."""
+    size = backbone.resolution
+    pixels = torch.rand(1, size, size, 3, generator=torch.Generator().manual_seed(4))
+    opacity = torch.zeros(1, size, size, 1)
+    opacity[:, :, size // 2:] = 1.0
+    cond, uncond = torch.randn(1, 77, 32), torch.zeros(1, 77, 32)
+    grads = []
+    for weight in (0.0, 3.0):
+        rgb = pixels.clone().requires_grad_(True)
+        guidance = ScoreDistillation(backbone, recon_chroma_weight=weight)
+        loss, _ = guidance(rgb, cond, uncond, 0, torch.Generator().manual_seed(0), opacity)
+        loss.backward()
+        grads.append(rgb.grad)
+    with torch.no_grad():
+        shown = (backbone.decode_latents(backbone.encode_images(pixels.permute(0, 3, 1, 2) * 2 - 1)) + 1) / 2
+    residual = pixels - shown.permute(0, 2, 3, 1)
+    pull = grads[1] - grads[0]
+    assert pull[:, :, : size // 2].abs().max() < 1e-6
+    expected = 3.0 * (residual - residual.mean(dim=-1, keepdim=True))
+    assert torch.allclose(pull[:, :, size // 2:], expected[:, :, size // 2:], atol=1e-5)
+    assert pull[:, :, size // 2:].abs().max() > 1e-3
