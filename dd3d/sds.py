@@ -156,7 +156,5 @@ class ScoreDistillation:
         loss = sds_loss(latents, gradient)
         recon_weight = self.annealed(self.recon_weight, self.recon_weight_end, iteration)
         if recon_weight > 0 or self.recon_chroma_weight > 0:
-            loss = loss + self.reconstruction_loss(
-                pixels, latents, recon_weight, self.recon_chroma_weight, opacity
-            )
+            loss = loss + self.reconstruction_loss(pixels, latents, recon_weight, self.recon_chroma_weight, opacity)
         return loss, {"t": t.float().mean().item(), "grad_norm": gradient.norm().item()}

@@ -71,6 +71,22 @@ def test_half_precision_model_guides_the_fp32_render_like_fp32(tiny_model, backb
     assert torch.cosine_similarity(*grads, dim=0) > 0.95
 
 
+def pull_and_residual(backbone, pixels, settings, iteration=0, opacity=None):
+    """(the gradient the pull settings add on the render's pixels, the residual x - D(E(x)) in [0, 1] units)."""
+    batch = len(pixels)
+    cond, uncond = torch.randn(batch, 77, 32, generator=torch.Generator().manual_seed(5)), torch.zeros(batch, 77, 32)
+    grads = []
+    for options in ({}, settings):
+        rgb = pixels.clone().requires_grad_(True)
+        loss, _ = ScoreDistillation(backbone, **options)(rgb, cond, uncond, iteration,
+                                                          torch.Generator().manual_seed(0), opacity)
+        loss.backward()
+        grads.append(rgb.grad)
+    with torch.no_grad():
+        shown = (backbone.decode_latents(backbone.encode_images(pixels.permute(0, 3, 1, 2) * 2 - 1)) + 1) / 2
+    return grads[1] - grads[0], pixels - shown.permute(0, 2, 3, 1)
+
+
 @pytest.mark.parametrize("settings, iteration, full, chroma", [
     (dict(recon_weight=4.0), 0, 4.0, 0.0),
     (dict(recon_weight=12.0, recon_weight_end=0.0, anneal_steps=90), 60, 4.0, 0.0),
@@ -82,22 +98,12 @@ def test_reconstruction_pull_moves_each_pixel_towards_what_the_vae_shows(backbon
     recon_chroma_weight c adds c times the residual less its mean over the colour channels (colour only)."""
     size = backbone.resolution
     pixels = torch.rand(2, size, size, 3, generator=torch.Generator().manual_seed(3))
-    cond, uncond = torch.randn(2, 77, 32), torch.zeros(2, 77, 32)
-    grads = []
-    for options in ({}, settings):
-        rgb = pixels.clone().requires_grad_(True)
-        guidance = ScoreDistillation(backbone, **options)
-        loss, _ = guidance(rgb, cond, uncond, iteration, torch.Generator().manual_seed(0))
-        loss.backward()
-        grads.append(rgb.grad)
-    with torch.no_grad():
-        shown = (backbone.decode_latents(backbone.encode_images(pixels.permute(0, 3, 1, 2) * 2 - 1)) + 1) / 2
-    residual = pixels - shown.permute(0, 2, 3, 1)
+    pull, residual = pull_and_residual(backbone, pixels, settings, iteration)
     colour_only = residual - residual.mean(dim=-1, keepdim=True)
     expected = (full * residual + chroma * colour_only) / 2  # averaged over the batch of 2
-    assert torch.allclose(grads[1] - grads[0], expected, atol=1e-5)
+    assert torch.allclose(pull, expected, atol=1e-5)
     if chroma:
-        assert torch.allclose((grads[1] - grads[0]).sum(dim=-1), torch.zeros(()), atol=1e-5)  # leaves brightness
+        assert torch.allclose(pull.sum(dim=-1), torch.zeros(()), atol=1e-5)  # leaves brightness
 
 
 def test_colour_pull_leaves_pixels_the_object_does_not_cover(backbone):
@@ -107,19 +113,8 @@ def test_colour_pull_leaves_pixels_the_object_does_not_cover(backbone):
     pixels = torch.rand(1, size, size, 3, generator=torch.Generator().manual_seed(4))
     opacity = torch.zeros(1, size, size, 1)
     opacity[:, :, size // 2:] = 1.0
-    cond, uncond = torch.randn(1, 77, 32), torch.zeros(1, 77, 32)
-    grads = []
-    for weight in (0.0, 3.0):
-        rgb = pixels.clone().requires_grad_(True)
-        guidance = ScoreDistillation(backbone, recon_chroma_weight=weight)
-        loss, _ = guidance(rgb, cond, uncond, 0, torch.Generator().manual_seed(0), opacity)
-        loss.backward()
-        grads.append(rgb.grad)
-    with torch.no_grad():
-        shown = (backbone.decode_latents(backbone.encode_images(pixels.permute(0, 3, 1, 2) * 2 - 1)) + 1) / 2
-    residual = pixels - shown.permute(0, 2, 3, 1)
-    pull = grads[1] - grads[0]
-    assert pull[:, :, : size // 2].abs().max() < 1e-6
+    pull, residual = pull_and_residual(backbone, pixels, dict(recon_chroma_weight=3.0), opacity=opacity)
     expected = 3.0 * (residual - residual.mean(dim=-1, keepdim=True))
+    assert pull[:, :, : size // 2].abs().max() < 1e-6
     assert torch.allclose(pull[:, :, size // 2:], expected[:, :, size // 2:], atol=1e-5)
     assert pull[:, :, size // 2:].abs().max() > 1e-3
