@@ -543,8 +543,8 @@ def evaluate_asset(oracle, checkpoint: Path, kind: str, colours: set[str],
                                      kind, float(cfg.field.radius), resolution)
     frames, views = asset_frames(scene, cfg)
     appearance = evaluate_appearance(oracle, frames, views, kind, colours)
-    truth = evaluate_appearance(oracle, truth_frames(cfg, kind, min(colours)), views, kind, colours)
     majority = Counter(appearance["albedo"]["labels"]["colour"]).most_common(1)[0][0]
+    truth = evaluate_appearance(oracle, truth_frames(cfg, kind, majority), views, kind, colours)
     return {"folder": str(folder), "step": int(re.sub(r"\D", "", checkpoint.stem)), "kind": kind,
             "geometry": geometry, "appearance": appearance, "truth_appearance": truth, "colour": majority,
             "mesh": mesh_metrics(folder)}, frames

@@ -25,22 +25,36 @@ from dd3d.cli import UserError
 from dd3d.files import atomic_write
 
 
+def lookup(section: dict, path: str) -> float | None:
+    """The number at a dotted `path` in a metrics section (None when absent)."""
+    value = section
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return float(value)
+
+
 @dataclass(frozen=True)
 class Bar:
-    """A number's bar: `path` into a metrics section, compared with `op` against `value`."""
+    """A number's bar: `path` into a metrics section, compared with `op` against `value`; with `ceiling`, the path
+    of the true object's own number, a >= bar is lowered to it where the oracle reads even the truth below the bar."""
 
     path: str
     label: str
     op: str
     value: float
+    ceiling: str | None = None
+
+    def threshold(self, section: dict) -> float:
+        cap = lookup(section, self.ceiling) if self.ceiling else None
+        return self.value if cap is None else min(self.value, cap)
 
     def check(self, section: dict) -> tuple[float, bool] | None:
-        value = section
-        for key in self.path.split("."):
-            if not isinstance(value, dict) or key not in value:
-                return None
-            value = value[key]
-        return float(value), {"<=": operator.le, ">=": operator.ge}[self.op](float(value), self.value)
+        value = lookup(section, self.path)
+        if value is None:
+            return None
+        return value, {"<=": operator.le, ">=": operator.ge}[self.op](value, self.threshold(section))
 
 
 BARS_2D = (
@@ -57,8 +71,10 @@ def bars_3d(several: bool) -> tuple[Bar, ...]:
         Bar("geometry.iou", "IoU with the true object", ">=", 0.4 if several else 0.5),
         Bar("geometry.haze", "haze share", "<=", 0.1),
         Bar("geometry.iou_over_ball", "IoU minus the best ball's", ">=", 0.1),
-        Bar("appearance.albedo.kind", "kind, albedo frames", ">=", 7),
-        Bar("appearance.shaded.kind", "kind, shaded frames", ">=", 7),
+        # The oracle reads even the true mug as one on only 2-6 of 8 albedo frames (pink 2, purple 5, blue 6): the
+        # kind bars stop at the true object's own count, in the asset's colour.
+        Bar("appearance.albedo.kind", "kind, albedo frames", ">=", 7, "truth_appearance.albedo.kind"),
+        Bar("appearance.shaded.kind", "kind, shaded frames", ">=", 7, "truth_appearance.shaded.kind"),
         Bar("appearance.albedo.colour", "reference colour, albedo frames", ">=", 7),
         # Views on the world-lit frames: unlit, even the true object's views read right in only 1-6 of 8 frames.
         Bar("appearance.shaded.view", "camera's view, shaded frames", ">=", 6),
@@ -76,8 +92,9 @@ def check_bars(metrics: dict) -> list[dict]:
             checked = bar.check(section)
             if checked is not None:
                 value, met = checked
-                rows.append({"where": where, "metric": bar.label, "value": value, "bar": f"{bar.op} {bar.value:g}",
-                             "met": met, "why": "" if met else explain(bar, section)})
+                rows.append({"where": where, "metric": bar.label, "value": value,
+                             "bar": f"{bar.op} {bar.threshold(section):g}", "met": met,
+                             "why": "" if met else explain(bar, section)})
     return rows
 
 
@@ -131,7 +148,8 @@ def format_table(metrics: dict) -> str:
             lines.append(f"  oracle on {shading} frames: kind {seen['kind']}/{seen['frames']}, reference colour "
                          f"{seen['colour']}/{seen['frames']}, camera's view {seen['view']}/{seen['frames']} "
                          f"(kinds: {_counts(seen['labels']['kind'])}; colours: {_counts(seen['labels']['colour'])})"
-                         + (f"; the true object: kind {truth['kind']}, view {truth['view']}" if truth else ""))
+                         + (f"; the true object in its colour: kind {truth['kind']}, view {truth['view']}"
+                            if truth else ""))
         if asset["mesh"]:
             mesh = asset["mesh"]
             lines.append(f"  mesh {mesh['file']}: {mesh['faces']} faces, {mesh['components']} pieces, "

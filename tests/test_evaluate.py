@@ -107,6 +107,24 @@ def test_bars_flag_a_missing_colour_in_words():
     assert "purple 50% of references vs 0% of samples" in rows["colour TV"]["why"]
 
 
+def test_kind_bars_stop_at_what_the_true_object_scores():
+    def asset(albedo_kind: int, truth_kind: int | None) -> dict:
+        section = {"folder": "a", "appearance": {"albedo": {"kind": albedo_kind}}}
+        if truth_kind is not None:
+            section["truth_appearance"] = {"albedo": {"kind": truth_kind}}
+        return section
+
+    def albedo_row(section: dict) -> dict:
+        return next(r for r in check_bars({"3d": {"assets": [section]}}) if r["metric"] == "kind, albedo frames")
+
+    # The oracle reads the true object as its kind on 5 of 8 albedo frames: 5 meets the bar, 4 does not.
+    assert albedo_row(asset(5, 5))["met"] and albedo_row(asset(5, 5))["bar"] == ">= 5"
+    assert not albedo_row(asset(4, 5))["met"]
+    # A true object read right everywhere, or no truth measured: the issue's bar of 7.
+    assert not albedo_row(asset(6, 8))["met"] and albedo_row(asset(6, 8))["bar"] == ">= 7"
+    assert not albedo_row(asset(6, None))["met"]
+
+
 def tiny_encoders(folder: Path) -> list[Path]:
     """A tiny random CLIP vision tower and a tiny DINOv2, each saved with its image processor."""
     from transformers import (
