@@ -44,7 +44,7 @@ RUN_KIND = "gen3d"
 RUN_FILES = ("config.yaml", "checkpoints", "validation", "train.log", "turntable.*", "mesh.*", "sample-*")
 NULLABLE = dict.fromkeys(("prompt", "model", "out", "prefix", "suffix"), "")  # types of keys whose default is null
 NULLABLE |= {"weights": [0.0], "class_index": 0, "export.threshold": 0.0}
-NULLABLE |= dict.fromkeys(("guidance.grad_clip", "guidance.recon_weight_end"), 0.0)
+NULLABLE |= dict.fromkeys(("guidance.grad_clip", "guidance.recon_weight_end", "guidance.recon_chroma_weight_end"), 0.0)
 NULLABLE |= dict.fromkeys(("export.resolution", "export.texture", "export.face_budget"), 0)
 NULLABLE |= {"camera.light_direction": [0.0]}
 CONFIG_RANGES = {
@@ -71,6 +71,7 @@ CONFIG_RANGES = {
     "guidance.recon_weight": (">=", 0),
     "guidance.recon_weight_end": (">=", 0),
     "guidance.recon_chroma_weight": (">=", 0),
+    "guidance.recon_chroma_weight_end": (">=", 0),
     "optim.lr": (">", 0),
     "optim.eps": (">", 0),
     "optim.betas": (">=", 0, "<", 1),

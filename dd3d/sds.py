@@ -73,6 +73,7 @@ class ScoreDistillation:
         recon_weight: float = 0.0,
         recon_weight_end: float | None = None,
         recon_chroma_weight: float = 0.0,
+        recon_chroma_weight_end: float | None = None,
     ):
         check_timestep_range(min_step_percent, max_step_percent, max_step_percent_end)
         self.backbone = backbone
@@ -83,7 +84,7 @@ class ScoreDistillation:
         self.weighting = weighting
         self.grad_clip = grad_clip
         self.recon_weight, self.recon_weight_end = recon_weight, recon_weight_end
-        self.recon_chroma_weight = recon_chroma_weight
+        self.recon_chroma_weight, self.recon_chroma_weight_end = recon_chroma_weight, recon_chroma_weight_end
 
     def annealed(self, start: float, end: float | None, iteration: int) -> float:
         """`start` moved linearly to `end` over anneal_steps iterations (`start` throughout when end is None)."""
@@ -155,6 +156,7 @@ class ScoreDistillation:
             gradient = gradient.clamp(-self.grad_clip, self.grad_clip)
         loss = sds_loss(latents, gradient)
         recon_weight = self.annealed(self.recon_weight, self.recon_weight_end, iteration)
-        if recon_weight > 0 or self.recon_chroma_weight > 0:
-            loss = loss + self.reconstruction_loss(pixels, latents, recon_weight, self.recon_chroma_weight, opacity)
+        chroma_weight = self.annealed(self.recon_chroma_weight, self.recon_chroma_weight_end, iteration)
+        if recon_weight > 0 or chroma_weight > 0:
+            loss = loss + self.reconstruction_loss(pixels, latents, recon_weight, chroma_weight, opacity)
         return loss, {"t": t.float().mean().item(), "grad_norm": gradient.norm().item()}

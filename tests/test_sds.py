@@ -91,11 +91,13 @@ def pull_and_residual(backbone, pixels, settings, iteration=0, opacity=None):
     (dict(recon_weight=4.0), 0, 4.0, 0.0),
     (dict(recon_weight=12.0, recon_weight_end=0.0, anneal_steps=90), 60, 4.0, 0.0),
     (dict(recon_weight=12.0, recon_weight_end=0.0, anneal_steps=90, recon_chroma_weight=2.0), 90, 0.0, 2.0),
+    (dict(recon_chroma_weight=1.0, recon_chroma_weight_end=4.0, anneal_steps=90), 30, 0.0, 2.0),
 ])
 def test_reconstruction_pull_moves_each_pixel_towards_what_the_vae_shows(backbone, settings, iteration, full, chroma):
     """recon_weight w adds w (x - D(E(x))) to the gradient on every pixel (in [0, 1] units), D(E(x)) held fixed;
     with recon_weight_end, w moves linearly to it over anneal_steps (here 12 -> 0: 4 at two thirds of the way);
-    recon_chroma_weight c adds c times the residual less its mean over the colour channels (colour only)."""
+    recon_chroma_weight c adds c times the residual less its mean over the colour channels (colour only), annealed
+    the same way to recon_chroma_weight_end (here 1 -> 4: 2 at a third of the way)."""
     size = backbone.resolution
     pixels = torch.rand(2, size, size, 3, generator=torch.Generator().manual_seed(3))
     pull, residual = pull_and_residual(backbone, pixels, settings, iteration)
