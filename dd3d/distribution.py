@@ -115,6 +115,21 @@ class Mixture:
             flat += [float(weight) * float(w) for w in inner.weights]
         return cls(components, torch.tensor(flat, dtype=torch.float32))
 
+    def spread_uniform(self, position: float) -> float:
+        """The uniform that picks the component found at `position` in [0, 1) when the mixture's weight is laid out
+        with its components ordered along the main axis of their means (the first principal direction, weighted):
+        positions (i + u) / n for i < n are systematic sampling, so n draws cover the components' main variation in
+        proportion to their weights instead of repeating one part of it."""
+        weights = self.weights.double() / self.weights.double().sum()
+        means = torch.stack([g.mean.flatten() for g in self.components]).double()
+        centred = means - (weights[:, None] * means).sum(0)
+        axis = torch.linalg.svd(centred * weights.sqrt()[:, None], full_matrices=False)[2][0]
+        order = torch.argsort(centred @ axis)
+        edges = weights[order].cumsum(0)
+        chosen = int(order[min(int(torch.searchsorted(edges, torch.tensor(position, dtype=edges.dtype), right=True)),
+                               len(order) - 1)])
+        return float(weights[:chosen].sum() + 0.5 * weights[chosen])  # the middle of that component's interval
+
     def apply(self, eps: torch.Tensor, uniforms: torch.Tensor):
         """Map eps (n, 77, d) and uniforms in [0, 1) (n,) to draws; returns (draws, component index)."""
         edges = self.weights.cumsum(0)

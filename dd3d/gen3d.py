@@ -32,6 +32,7 @@ from dd3d.cli import (
     prepare_run_dir,
     warn,
 )
+from dd3d.distribution import Mixture
 from dd3d.export import extract_mesh, write_mesh
 from dd3d.files import Checkpoints, atomic_write
 from dd3d.nerf import NeRFField, OccupancyGrid, VolumeRenderer, camera_rays, orbit_cameras, sample_cameras
@@ -109,7 +110,7 @@ class Scene(torch.nn.Module):
         return self.field(points)[1]
 
 
-STEP_STREAM, ASSET_PROMPT_STREAM, INIT_STREAM = 0, 1, 2
+STEP_STREAM, ASSET_PROMPT_STREAM, INIT_STREAM, SPREAD_STREAM = 0, 1, 2, 3
 
 
 def derived_seed(seed: int, asset: int, stream: int, step: int = 0) -> int:
@@ -166,18 +167,22 @@ def sample_training_cameras(cfg: DictConfig, generator: torch.Generator | None, 
 class PromptNoise:
     """The standard-normal eps and mixture uniform fed to the view Gaussians each step (see `prompt_draw`)."""
 
-    def __init__(self, cfg: DictConfig, asset: int, shape: torch.Size):
+    def __init__(self, cfg: DictConfig, asset: int, prompts: ViewPrompts):
         mode = cfg.prompt_draw
         if mode == "auto":
             mode = "per_iteration" if cfg.num_samples == 1 else "per_asset"
         if mode not in ("per_iteration", "per_asset"):
             raise UserError(f"prompt_draw must be auto, per_iteration or per_asset, not '{cfg.prompt_draw}'")
-        self.mode, self.jitter, self.shape = mode, cfg.prompt_jitter, shape
+        self.mode, self.jitter, self.shape = mode, cfg.prompt_jitter, prompts.shape
         generator = torch.Generator().manual_seed(derived_seed(cfg.seed, asset, ASSET_PROMPT_STREAM))
         self.asset_eps, self.asset_uniform = (
-            torch.randn(shape, generator=generator),
+            torch.randn(self.shape, generator=generator),
             torch.rand((), generator=generator),
         )
+        mixture = prompts.samplers["front"]
+        if mode == "per_asset" and cfg.asset_spread and isinstance(mixture, Mixture):
+            offset = torch.rand((), generator=torch.Generator().manual_seed(derived_seed(cfg.seed, 0, SPREAD_STREAM)))
+            self.asset_uniform = torch.tensor(mixture.spread_uniform((asset + float(offset)) / cfg.num_samples))
 
     def draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         fresh = torch.randn((n, *self.shape), generator=generator)
@@ -274,7 +279,7 @@ def train_asset(cfg: DictConfig, backbone, prompts: ViewPrompts, asset: int, fol
     scene = Scene(cfg).to(device)
     optimizer = torch.optim.Adam(scene.parameters(), lr=cfg.optim.lr, eps=cfg.optim.eps, betas=tuple(cfg.optim.betas))
     guidance = ScoreDistillation(backbone, **OmegaConf.to_container(cfg.guidance, resolve=True))
-    noise = PromptNoise(cfg, asset, prompts.shape)
+    noise = PromptNoise(cfg, asset, prompts)
     checkpoints = Checkpoints(folder / "checkpoints", cfg.keep_checkpoints)
     start = 0
     if cfg.resume and (state := checkpoints.load_latest()) is not None:

@@ -5,7 +5,7 @@ import torch
 import trimesh
 from omegaconf import OmegaConf
 
-from dd3d.distribution import PromptDistribution
+from dd3d.distribution import Gaussian, Mixture, PromptDistribution
 from dd3d.gen3d import PromptNoise, export_main, main
 from dd3d.view_prompts import VIEWS, ViewPrompts
 from tests.conftest import run_cli
@@ -46,18 +46,38 @@ def test_view_prompts_use_the_view_template_and_empty_uncond(backbone, dist_file
     assert set(prompts.samplers) == set(VIEWS)
 
 
+def gaussian_prompts() -> ViewPrompts:
+    return ViewPrompts({view: Gaussian(torch.zeros(77, 8), torch.ones(77, 8)) for view in VIEWS}, torch.zeros(1, 77, 8))
+
+
 def test_per_iteration_draws_differ_per_asset_draws_stay_close():
-    cfg = OmegaConf.create({"prompt_draw": "auto", "num_samples": 1, "prompt_jitter": 0.3, "seed": 0})
-    per_iteration = PromptNoise(cfg, 0, (77, 8))
+    cfg = OmegaConf.create({"prompt_draw": "auto", "num_samples": 1, "prompt_jitter": 0.3, "seed": 0,
+                            "asset_spread": True})
+    per_iteration = PromptNoise(cfg, 0, gaussian_prompts())
     a, _ = per_iteration.draw(1, torch.Generator().manual_seed(1))
     b, _ = per_iteration.draw(1, torch.Generator().manual_seed(2))
     assert per_iteration.mode == "per_iteration" and not torch.allclose(a, b)
-    per_asset = [PromptNoise(OmegaConf.merge(cfg, {"num_samples": 2}), asset, (77, 8)) for asset in (0, 1)]
+    per_asset = [PromptNoise(OmegaConf.merge(cfg, {"num_samples": 2}), asset, gaussian_prompts()) for asset in (0, 1)]
     assert per_asset[0].mode == "per_asset"
     x, _ = per_asset[0].draw(1, torch.Generator().manual_seed(1))
     y, _ = per_asset[0].draw(1, torch.Generator().manual_seed(2))
     other, _ = per_asset[1].draw(1, torch.Generator().manual_seed(1))
     assert (x - y).std() < (x - other).std()  # jitter around one asset's draw, far from another asset's
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_assets_spread_over_the_mixture_cover_both_of_its_modes(seed):
+    """Two modes whose prompts alternate by index (A B A B): two assets take one component from each mode, which
+    independent draws do only half the time and systematic sampling in index order never does (both land on B)."""
+    modes = torch.stack([torch.full((77, 8), -1.0), torch.full((77, 8), 1.0)])
+    mixture = Mixture([Gaussian(modes[i % 2] + 0.01 * i, torch.full((77, 8), 0.1)) for i in range(4)],
+                      torch.full((4,), 0.25))
+    prompts = ViewPrompts(dict.fromkeys(VIEWS, mixture), torch.zeros(1, 77, 8))
+    cfg = OmegaConf.create({"prompt_draw": "auto", "num_samples": 2, "prompt_jitter": 0.3, "seed": seed,
+                            "asset_spread": True})
+    chosen = [mixture.apply(torch.zeros(1, 77, 8), PromptNoise(cfg, asset, prompts).asset_uniform[None])[1].item()
+              for asset in (0, 1)]
+    assert {index % 2 for index in chosen} == {0, 1}
 
 
 def test_cli_runs_resumes_exactly_and_exports(tiny_model, dist_file, tmp_path, capsys):
