@@ -68,7 +68,7 @@ def test_per_iteration_draws_differ_per_asset_draws_stay_close():
 @pytest.mark.parametrize("seed", range(5))
 def test_assets_spread_over_the_mixture_cover_both_of_its_modes(seed):
     """Two modes whose prompts alternate by index (A B A B): two assets take one component from each mode, which
-    independent draws do only half the time and systematic sampling in index order never does (both land on B)."""
+    independent draws do only half the time and systematic sampling in index order never does (A A or B B)."""
     modes = torch.stack([torch.full((77, 8), -1.0), torch.full((77, 8), 1.0)])
     mixture = Mixture([Gaussian(modes[i % 2] + 0.01 * i, torch.full((77, 8), 0.1)) for i in range(4)],
                       torch.full((4,), 0.25))
