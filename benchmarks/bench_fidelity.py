@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -82,10 +83,11 @@ def learned_samples(refs: Path, runs: Path, seed: int, steps: int, n: int, overr
     sample_args = [o.removeprefix("sample2d.") for o in overrides if o.startswith("sample2d.")]
     run = runs / ("-".join(learn_args).replace("/", "_") or "default") / f"seed-{seed}"
     dist = run / "distribution.safetensors"
-    if not dist.is_file():
-        cfg = load_config("train_distribution.yaml", None, [f"steps={steps}", f"seed={seed}", "sample.every=0",
-                                                            "checkpoint_every=100000", "overwrite=true", *learn_args],
-                          images=str(refs), out=str(run))
+    cfg = load_config("train_distribution.yaml", None, [f"steps={steps}", f"seed={seed}", "sample.every=0",
+                                                        "checkpoint_every=100000", "overwrite=true", *learn_args],
+                      images=str(refs), out=str(run))
+    saved = run / "config.yaml"
+    if not (dist.is_file() and saved.is_file() and OmegaConf.load(saved) == cfg):  # trained with today's defaults
         train(cfg)
     out = run / ("2d-" + ("-".join(sample_args) or "default"))
     sample(load_config("sample2d.yaml", None, [f"n={n}", "steps=20", f"seed={seed}", "batch_size=16",
@@ -161,7 +163,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=32, help="samples per method, set and seed")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                         help="a learned method besides dd and k1 (stage-1 overrides; sample2d.<key>=value)")
-    parser.add_argument("--no-baselines", action="store_true", help="skip the k1 baseline")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="skip the paper and k1 baselines (each trains its own runs)")
     parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "bench-fidelity")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -169,7 +172,8 @@ def main() -> None:
     from dd3d.backbone import Backbone
     from dd3d.tiny.oracle import Oracle
 
-    variants = {"paper": PAPER, "dd3d": []}  # dd3d: today's defaults (configs/train_distribution.yaml)
+    variants = {} if args.no_baselines else {"paper": PAPER}
+    variants["dd3d"] = []  # today's defaults (configs/train_distribution.yaml)
     variants.update(parse_variant(v) for v in args.variant)
     if not args.no_baselines:
         variants["k1"] = [*PAPER, "prompt.num_prompts=1"]
