@@ -76,3 +76,16 @@ def test_tiny_and_mixed_sizes_become_square_views(tmp_path, capsys):
     assert np.allclose(views[0].flip(-1).numpy(), views[1].numpy())  # the mirrored twin
     again, _ = training_views(images, 16, flip=True, crops=2, crop_scale=0.8, seed=0)
     assert (again == views).all()
+
+
+def test_default_views_keep_the_object_the_size_it_has_in_the_reference():
+    """Zoom-in crops made the learned prompts draw frame-filling objects (BENCHMARKS.md); the default views are the
+    reference and its mirror, so an object covering a quarter of the image covers a quarter of every view."""
+    from dd3d.cli import load_config
+
+    augment = load_config("train_distribution.yaml", None, []).augment
+    image = Image.new("RGB", (32, 32), (240, 240, 240))
+    image.paste((200, 20, 20), (10, 12, 26, 28))  # a 16 x 16 red square, off centre
+    views, _ = training_views([image], 32, augment.flip, augment.crops, augment.crop_scale, seed=0)
+    covered = ((views[:, 1] < 0.0).float().mean(dim=(1, 2))).tolist()  # green channel low: the red square
+    assert covered == pytest.approx([0.25] * len(views), abs=0.02)
