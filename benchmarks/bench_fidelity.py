@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections import Counter
@@ -152,7 +153,7 @@ def table(results: dict[str, dict]) -> str:
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
     name, _, overrides = text.partition(":")
-    return name, [o for o in overrides.split(",") if o]
+    return name, [o for o in re.split(r",(?![^\[]*\])", overrides) if o]  # commas inside [...] belong to a list
 
 
 def main() -> None:

@@ -239,6 +239,14 @@ def make_pipeline(backbone, scheduler: str = "ddim") -> StableDiffusionPipeline:
     return pipeline
 
 
+def guidance_window(interval, key: str = "guidance_interval") -> tuple[float, float]:
+    """A guidance interval from a config as (low, high) fractions of the noise schedule; anything else refused."""
+    values = tuple(float(v) for v in interval)
+    if len(values) != 2 or not 0 <= values[0] <= values[1] <= 1:
+        raise UserError(f"{key} must be [low, high] with 0 <= low <= high <= 1, not {list(interval)}")
+    return values
+
+
 @torch.no_grad()
 def generate(
     pipeline: StableDiffusionPipeline,
@@ -248,16 +256,37 @@ def generate(
     guidance: float,
     generators: list[torch.Generator],
     resolution: int,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
 ) -> list[Image.Image]:
     """One image per row of prompt_embeds (N, 77, d), each with its own generator for latent (and sampler) noise;
-    negative_embeds (1, 77, d) is the unconditional branch of classifier-free guidance."""
+    negative_embeds (1, 77, d) is the unconditional branch of classifier-free guidance. Guidance applies at the
+    steps whose timestep t/T lies in guidance_interval; the others use the conditional prediction alone
+    (Kynkaanniemi et al. 2024: guidance at the noisiest steps fixes layout and size, not detail)."""
     dtype = pipeline.unet.dtype
+    cond = prompt_embeds.to(pipeline.device, dtype)
+    uncond = negative_embeds.expand(len(cond), -1, -1).to(pipeline.device, dtype)
+    options = {}
+    if tuple(guidance_interval) != (0.0, 1.0):
+        low, high = guidance_interval
+        pipeline.scheduler.set_timesteps(steps)
+        fractions = [float(t) / pipeline.scheduler.config.num_train_timesteps for t in pipeline.scheduler.timesteps]
+        # The pipeline batches [negative; positive] once; with both halves conditional, its CFG returns cond.
+        negative_at = [uncond if low <= f <= high else cond for f in fractions]
+
+        def swap_negative(pipe, i, t, tensors):
+            if i + 1 < len(negative_at):
+                tensors["prompt_embeds"] = torch.cat([negative_at[i + 1], cond])
+            return tensors
+
+        uncond = negative_at[0]
+        options = dict(callback_on_step_end=swap_negative, callback_on_step_end_tensor_inputs=["prompt_embeds"])
     return pipeline(
-        prompt_embeds=prompt_embeds.to(pipeline.device, dtype),
-        negative_prompt_embeds=negative_embeds.expand(len(prompt_embeds), -1, -1).to(pipeline.device, dtype),
+        prompt_embeds=cond,
+        negative_prompt_embeds=uncond,
         num_inference_steps=steps,
         guidance_scale=guidance,
         generator=generators,
         height=resolution,
         width=resolution,
+        **options,
     ).images

@@ -234,18 +234,23 @@ def exact_captions(labels: dict[str, list[str]], count: int) -> list[str]:
                     "a {s} {c} {k}, {v} view") for i in range(count)]
 
 
-def text_images(backbone, texts: list[str], seed: int = 0, steps: int = 20, guidance: float = 7.5,
-                batch_size: int = 16) -> list[Image.Image]:
-    """One image per prompt text (DDIM, classifier-free guidance against the empty prompt), seeded per image."""
-    from dd3d.backbone import generate, make_pipeline
+def text_images(backbone, texts: list[str], seed: int = 0, steps: int = 20, batch_size: int = 16) -> list[Image.Image]:
+    """One image per prompt text (DDIM; classifier-free guidance against the empty prompt, with the 2D path's
+    default scale and interval, so that a ceiling is sampled the way samples are), seeded per image."""
+    from omegaconf import OmegaConf
 
+    from dd3d.backbone import generate, make_pipeline
+    from dd3d.cli import CONFIG_DIR
+
+    defaults = OmegaConf.load(CONFIG_DIR / "sample2d.yaml")
     generators = [torch.Generator().manual_seed(seed * 100003 + index) for index in range(len(texts))]
     pipeline, empty = make_pipeline(backbone), backbone.encode_text([""])
     images = []
     for start in range(0, len(texts), batch_size):
         embeddings = backbone.encode_text(texts[start : start + batch_size])
-        images += generate(pipeline, embeddings, empty, steps, guidance, generators[start : start + batch_size],
-                           backbone.resolution)
+        images += generate(pipeline, embeddings, empty, steps, defaults.guidance,
+                           generators[start : start + batch_size], backbone.resolution,
+                           tuple(defaults.guidance_interval))
     return images
 
 

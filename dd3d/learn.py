@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 
-from dd3d.backbone import Backbone, generate, make_pipeline
+from dd3d.backbone import Backbone, generate, guidance_window, make_pipeline
 from dd3d.cli import (
     UserError,
     add_config_arguments,
@@ -254,9 +254,8 @@ def write_sample_grid(backbone, learner, cfg, resolution: int, path: Path) -> No
     embeddings, _ = sampler.apply(eps, torch.rand(cfg.sample.n, generator=generator))
     generators = [torch.Generator().manual_seed(seed + 1 + index) for index in range(cfg.sample.n)]
     empty = backbone.encode_text([""])
-    images = generate(
-        make_pipeline(backbone), embeddings, empty, cfg.sample.steps, cfg.sample.guidance, generators, resolution
-    )
+    images = generate(make_pipeline(backbone), embeddings, empty, cfg.sample.steps, cfg.sample.guidance, generators,
+                      resolution, guidance_window(cfg.sample.guidance_interval))
     atomic_write(path, lambda tmp: image_grid(images).save(tmp, format="PNG"))
 
 
@@ -376,4 +375,5 @@ def main(argv=None) -> None:
     if cfg.images is None:
         raise UserError("pass --images <folder of reference images>")
     check_ranges(cfg, CONFIG_RANGES)
+    guidance_window(cfg.sample.guidance_interval, "sample.guidance_interval")
     print(f"wrote {train(cfg)}")

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from dd3d.backbone import SCHEDULERS, generate, make_pipeline, open_backbone
+from dd3d.backbone import SCHEDULERS, generate, guidance_window, make_pipeline, open_backbone
 from dd3d.cli import CONFIG_DIR, UserError, add_config_arguments, check_ranges, load_config, parse_arguments
 from dd3d.distribution import Mixture, PromptDistribution, build_sampler, load_distribution
 from dd3d.files import atomic_write, image_grid
@@ -83,7 +83,8 @@ def render_indices(cfg: DictConfig, backbone, sampler, indices: list[int], progr
         eps, uniforms = zip(*(prompt_noise(cfg, index, shape) for index in batch))
         embeddings, chosen = sampler.apply(torch.stack(eps), torch.stack(uniforms))
         generators = [image_generator(cfg, index, LATENT_STREAM) for index in batch]
-        images += generate(pipeline, embeddings, negative, cfg.steps, cfg.guidance, generators, resolution)
+        images += generate(pipeline, embeddings, negative, cfg.steps, cfg.guidance, generators, resolution,
+                           guidance_window(cfg.guidance_interval))
         components += chosen.tolist()
     return images, components
 
@@ -91,6 +92,7 @@ def render_indices(cfg: DictConfig, backbone, sampler, indices: list[int], progr
 def sample(cfg: DictConfig) -> Path:
     """Write one PNG per image, a grid and manifest.json (enough to regenerate every image) to cfg.out."""
     check_ranges(cfg, CONFIG_RANGES)
+    guidance_window(cfg.guidance_interval)
     backbone = open_backbone(cfg)
     sampler = build_sampler(cfg, backbone)
     out = Path(cfg.out)
@@ -112,8 +114,10 @@ def sample(cfg: DictConfig) -> Path:
 def regenerate(manifest_path: Path, index: int, backbone=None) -> Image.Image:
     """Image `index` of a sample2d run, made again from its manifest alone."""
     manifest = json.loads(Path(manifest_path).read_text())
-    # The defaults fill settings that manifests of older versions lack.
-    cfg = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "sample2d.yaml"), manifest["settings"])
+    # The defaults fill settings that manifests of older versions lack; those made before the guidance interval
+    # existed guided every step.
+    settings = {"guidance_interval": [0.0, 1.0], **manifest["settings"]}
+    cfg = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "sample2d.yaml"), settings)
     if not 0 <= index < cfg.n:
         raise UserError(f"index {index} is outside this run's {cfg.n} images")
     backbone = backbone or open_backbone(cfg)

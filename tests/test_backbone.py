@@ -1,8 +1,9 @@
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from dd3d.backbone import DEFAULT_MODEL, Backbone, resolve_model_source
+from dd3d.backbone import DEFAULT_MODEL, Backbone, generate, make_pipeline, resolve_model_source
 from dd3d.cli import UserError
 
 
@@ -55,3 +56,30 @@ def test_bad_model_sources(tmp_path):
     if not (DEFAULT_MODEL / "model_index.json").exists():
         with pytest.raises(UserError, match="embedded default model"):
             resolve_model_source(None)
+
+
+def test_guidance_interval_guides_only_the_steps_inside_it(backbone, monkeypatch):
+    """Over the whole schedule it is plain CFG; with no step inside, the prompt alone (guidance 1); in between, the
+    UNet sees the empty prompt's branch exactly at the steps whose t/T is inside the interval."""
+    pipeline = make_pipeline(backbone)
+    prompt = backbone.encode_text(["a red house", "a blue mug"])
+    empty = backbone.encode_text([""])
+    unet_forward, guided = pipeline.unet.forward, {}
+
+    def recording_forward(sample, timestep, encoder_hidden_states, **kwargs):
+        negative, positive = encoder_hidden_states.chunk(2)
+        guided[int(timestep)] = not torch.equal(negative, positive)
+        return unet_forward(sample, timestep, encoder_hidden_states, **kwargs)
+
+    def images(guidance, interval=(0.0, 1.0)):
+        generators = [torch.Generator().manual_seed(i) for i in range(2)]
+        out = generate(pipeline, prompt, empty, 4, guidance, generators, 16, interval)
+        return np.stack([np.asarray(image, dtype=np.int16) for image in out])
+
+    plain, prompt_alone = images(7.5), images(1.0)
+    assert np.abs(plain - prompt_alone).max() > 8
+    assert np.array_equal(images(7.5, (0.0, 1.0)), plain)
+    assert np.abs(images(7.5, (0.0, 0.0)) - prompt_alone).max() <= 1  # the steps are t = 751, 501, 251, 1
+    monkeypatch.setattr(pipeline.unet, "forward", recording_forward)
+    images(7.5, (0.2, 0.6))
+    assert guided == {751: False, 501: True, 251: True, 1: False}

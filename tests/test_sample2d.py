@@ -104,6 +104,17 @@ def test_fixed_noise_reproduces_images_and_manifest_regenerates(backbone, dist_f
     assert np.abs(again - original).max() <= 1
 
 
+def test_manifests_from_before_the_guidance_interval_regenerate_their_images(backbone, dist_files, tmp_path):
+    every_step = sample(config(dists=dist_files[:1], steps=4, n=1, guidance_interval=[0.0, 1.0], out=str(tmp_path)))
+    interval = sample(config(dists=dist_files[:1], steps=4, n=1, out=str(tmp_path / "interval")))
+    original = np.asarray(Image.open(every_step / "0000.png"), dtype=np.int16)
+    assert np.abs(np.asarray(Image.open(interval / "0000.png"), dtype=np.int16) - original).max() > 8  # t=751 differs
+    manifest = json.loads((every_step / "manifest.json").read_text())
+    del manifest["settings"]["guidance_interval"]
+    (tmp_path / "old.json").write_text(json.dumps(manifest))
+    assert np.abs(np.asarray(regenerate(tmp_path / "old.json", 0, backbone), dtype=np.int16) - original).max() <= 1
+
+
 def test_reference_import_matches_the_reference_encoding(backbone, tmp_path):
     ctx = torch.randn(1, 5, 2, 32) * 0.1
     path = tmp_path / "final-1000.pt"
@@ -180,6 +191,7 @@ def test_cli_describe_and_sample(tiny_model, dist_files, tmp_path, capsys):
         (["--weights", "0", "0"], "must not all be zero"),
         (["--std-scale", "-1"], "must not be negative"),
         (["--prefix", "word " * 80], "needs .* tokens"),
+        (["guidance_interval=[0.7,0.2]"], "guidance_interval must be \\[low, high\\] with 0 <= low <= high <= 1"),
     ],
 )
 def test_cli_bad_input(extra, message, tiny_model, dist_files, tmp_path, capsys):

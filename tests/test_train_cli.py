@@ -71,6 +71,7 @@ def test_refuses_a_folder_holding_another_run(tiny_model, refs, tmp_path, capsys
         ("bad-model", "neither an existing folder nor a hub id"),
         ("not-diffusers", "not a diffusers"),
         ("bad-override", "bad configuration"),
+        ("bad-interval", "sample.guidance_interval must be [low, high]"),
     ],
 )
 def test_bad_input_one_line_exit_2_nothing_written(case, message, tiny_model, tmp_path, capsys):
@@ -89,6 +90,8 @@ def test_bad_input_one_line_exit_2_nothing_written(case, message, tiny_model, tm
         model = images
     elif case == "bad-override":
         extra = ["train.no_such_key=1"]
+    elif case == "bad-interval":
+        extra = ["sample.guidance_interval=[0.5]"]
     out = tmp_path / "run"
     code, err = cli(["--images", images, "--model", model, "--out", out, "steps=1", *extra], capsys)
     assert code == 2
