@@ -74,6 +74,12 @@ def class_prompt(labels: dict[str, list[str]]) -> str:
     return f"a {next(iter(colours))} object" if len(colours) == 1 else "an object"
 
 
+def same_training(saved, cfg) -> bool:
+    """Whether a cached run was trained as `cfg` would train it (its `sample` section only draws progress grids)."""
+    strip = lambda c: {k: v for k, v in OmegaConf.to_container(c).items() if k != "sample"}  # noqa: E731
+    return strip(saved) == strip(cfg)
+
+
 def learned_samples(refs: Path, runs: Path, seed: int, steps: int, n: int, overrides: list[str]) -> list:
     """Train a distribution on `refs` with the stage-1 overrides (once per distinct set of them: variants that only
     change sampling share the run) and sample it n times with the sampling overrides (sample2d.<key>=value)."""
@@ -88,7 +94,7 @@ def learned_samples(refs: Path, runs: Path, seed: int, steps: int, n: int, overr
                                                         "checkpoint_every=100000", "overwrite=true", *learn_args],
                       images=str(refs), out=str(run))
     saved = run / "config.yaml"
-    if not (dist.is_file() and saved.is_file() and OmegaConf.load(saved) == cfg):  # trained with today's defaults
+    if not (dist.is_file() and saved.is_file() and same_training(OmegaConf.load(saved), cfg)):
         train(cfg)
     out = run / ("2d-" + ("-".join(sample_args) or "default"))
     sample(load_config("sample2d.yaml", None, [f"n={n}", "steps=20", f"seed={seed}", "batch_size=16",
