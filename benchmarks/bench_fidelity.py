@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dd3d import evaluate as ev  # noqa: E402
-from dd3d.cli import load_config  # noqa: E402
+from dd3d.cli import CONFIG_DIR, load_config  # noqa: E402
 
 BUNDLED = ("cool-mugs", "warm-houses", "red-things", "small-warm-ducks")
 HELD_OUT = {  # rendered here with seeds the bundled sets and the model's training data do not use
@@ -75,7 +75,9 @@ def class_prompt(labels: dict[str, list[str]]) -> str:
 
 
 def same_training(saved, cfg) -> bool:
-    """Whether a cached run was trained as `cfg` would train it (its `sample` section only draws progress grids)."""
+    """Whether a cached run was trained as `cfg` would train it: settings it predates take their defaults, and its
+    `sample` section only draws progress grids."""
+    saved = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "train_distribution.yaml"), saved)
     strip = lambda c: {k: v for k, v in OmegaConf.to_container(c).items() if k != "sample"}  # noqa: E731
     return strip(saved) == strip(cfg)
 
