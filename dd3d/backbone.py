@@ -265,26 +265,28 @@ def generate(
     dtype = pipeline.unet.dtype
     cond = prompt_embeds.to(pipeline.device, dtype)
     uncond = negative_embeds.expand(len(cond), -1, -1).to(pipeline.device, dtype)
-    options = {}
+    options, scale = {}, guidance
     if tuple(guidance_interval) != (0.0, 1.0):
         low, high = guidance_interval
         pipeline.scheduler.set_timesteps(steps)
         fractions = [float(t) / pipeline.scheduler.config.num_train_timesteps for t in pipeline.scheduler.timesteps]
-        # The pipeline batches [negative; positive] once; with both halves conditional, its CFG returns cond.
-        negative_at = [uncond if low <= f <= high else cond for f in fractions]
+        guided = [low <= f <= high for f in fractions]
+        both = torch.cat([uncond, cond])
 
-        def swap_negative(pipe, i, t, tensors):
-            if i + 1 < len(negative_at):
-                tensors["prompt_embeds"] = torch.cat([negative_at[i + 1], cond])
+        def set_next_step(pipe, i, t, tensors):
+            # The pipeline reads its scale at every step; at 1 it runs the conditional half of the batch alone.
+            if i + 1 < len(guided):
+                pipe._guidance_scale = guidance if guided[i + 1] else 1.0
+                tensors["prompt_embeds"] = both if guided[i + 1] else cond
             return tensors
 
-        uncond = negative_at[0]
-        options = dict(callback_on_step_end=swap_negative, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+        scale = guidance if guided[0] else 1.0
+        options = dict(callback_on_step_end=set_next_step, callback_on_step_end_tensor_inputs=["prompt_embeds"])
     return pipeline(
         prompt_embeds=cond,
         negative_prompt_embeds=uncond,
         num_inference_steps=steps,
-        guidance_scale=guidance,
+        guidance_scale=scale,
         generator=generators,
         height=resolution,
         width=resolution,

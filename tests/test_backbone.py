@@ -60,15 +60,17 @@ def test_bad_model_sources(tmp_path):
 
 def test_guidance_interval_guides_only_the_steps_inside_it(backbone, monkeypatch):
     """Over the whole schedule it is plain CFG; with no step inside, the prompt alone (guidance 1); in between, the
-    UNet sees the empty prompt's branch exactly at the steps whose t/T is inside the interval."""
+    UNet sees the empty prompt's branch exactly at the steps whose t/T is inside the interval (and the prompt's
+    alone, half the batch, at the others)."""
     pipeline = make_pipeline(backbone)
     prompt = backbone.encode_text(["a red house", "a blue mug"])
     empty = backbone.encode_text([""])
     unet_forward, guided = pipeline.unet.forward, {}
 
     def recording_forward(sample, timestep, encoder_hidden_states, **kwargs):
-        negative, positive = encoder_hidden_states.chunk(2)
-        guided[int(timestep)] = not torch.equal(negative, positive)
+        if len(encoder_hidden_states) == 2 * len(prompt):
+            assert torch.equal(encoder_hidden_states[: len(prompt)], empty.expand(len(prompt), -1, -1))
+        guided[int(timestep)] = len(encoder_hidden_states) == 2 * len(prompt)
         return unet_forward(sample, timestep, encoder_hidden_states, **kwargs)
 
     def images(guidance, interval=(0.0, 1.0)):
