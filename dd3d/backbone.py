@@ -266,7 +266,7 @@ def generate(
     cond = prompt_embeds.to(pipeline.device, dtype)
     uncond = negative_embeds.expand(len(cond), -1, -1).to(pipeline.device, dtype)
     options, scale = {}, guidance
-    if tuple(guidance_interval) != (0.0, 1.0):
+    if tuple(guidance_interval) != (0.0, 1.0) and guidance > 1:  # (at a scale of 1 or less no step is guided)
         low, high = guidance_interval
         pipeline.scheduler.set_timesteps(steps)
         fractions = [float(t) / pipeline.scheduler.config.num_train_timesteps for t in pipeline.scheduler.timesteps]

@@ -82,6 +82,7 @@ def test_guidance_interval_guides_only_the_steps_inside_it(backbone, monkeypatch
     assert np.abs(plain - prompt_alone).max() > 8
     assert np.array_equal(images(7.5, (0.0, 1.0)), plain)
     assert np.abs(images(7.5, (0.0, 0.0)) - prompt_alone).max() <= 1  # the steps are t = 751, 501, 251, 1
+    assert np.array_equal(images(1.0, (0.2, 0.6)), prompt_alone)  # scale 1: nothing to guide inside either
     monkeypatch.setattr(pipeline.unet, "forward", recording_forward)
     images(7.5, (0.2, 0.6))
     assert guided == {751: False, 501: True, 251: True, 1: False}
