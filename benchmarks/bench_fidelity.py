@@ -6,7 +6,8 @@ Sets: the bundled ones (examples/refs) and sets rendered here from the world wit
 kind, four colours of one kind, two kinds of one colour, one kind in all sizes). Methods, each sampled 32 times:
   paper      DreamDistribution as the paper specifies it (K=32 prompts, one diagonal Gaussian over encoder outputs,
              lr 1e-3)
-  dd3d       dd3d's defaults (configs/train_distribution.yaml: the specialise objective and the prompt mixture)
+  dd3d       dd3d's defaults (configs/train_distribution.yaml: the per_reference objective, a shared base, the
+             prompt mixture)
   <name>     any variant given with --variant name:key=value,key=value (stage-1 overrides, and sampling ones as
              sample2d.<key>=value; variants with the same stage-1 overrides share one trained run)
   k1         a single learned prompt (K=1, zero spread: Textual-Inversion-like)
@@ -52,7 +53,8 @@ HELD_OUT = {  # rendered here with seeds the bundled sets and the model's traini
 }
 SPEC_DEFAULTS = dict(scale_range=(0.75, 1.25), overhead_share=0.0, camera=dict())
 METRICS = ("kind", "colour", "view", "size")
-PAPER = ["train.objective=gaussian", "train.lr=1e-3"]  # the paper's recipe, whatever the defaults are
+# The paper's recipe, whatever the defaults are.
+PAPER = ["train.objective=gaussian", "train.lr=1e-3", "prompt.shared_base=false"]
 
 
 def reference_folder(name: str, work: Path) -> Path:
@@ -174,6 +176,7 @@ def main() -> None:
                         help="a learned method besides dd and k1 (stage-1 overrides; sample2d.<key>=value)")
     parser.add_argument("--no-baselines", action="store_true",
                         help="skip the paper and k1 baselines (each trains its own runs)")
+    parser.add_argument("--no-default", action="store_true", help="skip dd3d's defaults (only the variants)")
     parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "bench-fidelity")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -182,7 +185,8 @@ def main() -> None:
     from dd3d.tiny.oracle import Oracle
 
     variants = {} if args.no_baselines else {"paper": PAPER}
-    variants["dd3d"] = []  # today's defaults (configs/train_distribution.yaml)
+    if not args.no_default:
+        variants["dd3d"] = []  # today's defaults (configs/train_distribution.yaml)
     variants.update(parse_variant(v) for v in args.variant)
     if not args.no_baselines:
         variants["k1"] = [*PAPER, "prompt.num_prompts=1"]

@@ -52,7 +52,7 @@ CONFIG_RANGES = {
     "train.grad_clip": (">", 0),
     "train.min_snr_gamma": (">=", 0),
     "train.ortho_weight": (">=", 0),
-    "train.objective": ("in", ("gaussian", "specialise")),
+    "train.objective": ("in", ("gaussian", "specialise", "per_reference")),
     "train.bandwidth": (">=", 0),
     "train.relax": (">=", 0, "<=", 1),
     "train.share_draws": (">=", 1),
@@ -67,22 +67,31 @@ CONFIG_RANGES = {
     "sample.steps": (">=", 1),
     "sample.seed": (">=", 0),
 }
-FIXED_ON_RESUME = ("prompt.num_prompts", "prompt.n_ctx")  # the shapes of the checkpointed ctx and Adam state
+FIXED_ON_RESUME = ("prompt.num_prompts", "prompt.n_ctx", "prompt.shared_base")  # the shapes of the checkpointed ctx and Adam state
 
 
 class PromptLearner(torch.nn.Module):
-    """The only trainable tensor: K contexts of n_ctx token embeddings, encoded by the frozen text encoder."""
+    """The trainable tensors: K contexts of n_ctx token embeddings, encoded by the frozen text encoder. With
+    `shared_base` each context is a base shared by all K plus its own offset (both trained): the base learns from
+    every reference what they have in common, the offsets what sets each prompt's references apart."""
 
-    def __init__(self, encoder: SoftPromptEncoder, num_prompts: int, init_std: float, seed: int):
+    def __init__(self, encoder: SoftPromptEncoder, num_prompts: int, init_std: float, seed: int,
+                 shared_base: bool = False):
         super().__init__()
         self.encoder = encoder  # not a Module: its frozen text encoder stays outside this module's parameters
         width = encoder.text_encoder.config.hidden_size
         generator = torch.Generator().manual_seed(seed)
         self.ctx = torch.nn.Parameter(torch.randn(num_prompts, encoder.n_ctx, width, generator=generator) * init_std)
+        self.base = torch.nn.Parameter(torch.zeros(1, encoder.n_ctx, width)) if shared_base else None
+
+    @property
+    def contexts(self) -> torch.Tensor:
+        """The K contexts (K, n_ctx, d) that the distribution file stores."""
+        return self.ctx if self.base is None else self.ctx + self.base
 
     def forward(self):
         """Encoder outputs (K, 77, d) and EOS features (K, d) of the K prompts."""
-        return self.encoder(self.ctx)
+        return self.encoder(self.contexts)
 
 
 def min_snr_weights(backbone: Backbone, t: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -182,25 +191,44 @@ def orthogonality_loss(features: torch.Tensor) -> torch.Tensor:
     return off_diagonal.pow(2).sum() / (count * (count - 1))
 
 
-def training_losses(learner, backbone: Backbone, latents: torch.Tensor, train_cfg, generator: torch.Generator):
+def reference_prompts(owners: torch.Tensor, num_prompts: int) -> torch.Tensor:
+    """The `per_reference` objective's fixed split of the K prompts among the n reference images: (n, K), row i the
+    probabilities with which a view of image i trains each prompt. With K >= n prompt k belongs to image k mod n (every
+    image gets K // n or one more prompts, all used); with K < n image i shares prompt i mod K with the others that
+    land there."""
+    images = int(owners.max()) + 1
+    image, prompt = torch.arange(images)[:, None], torch.arange(num_prompts)[None, :]
+    members = (prompt % images == image) if num_prompts >= images else (image % num_prompts == prompt)
+    members = members.float()
+    return members / members.sum(dim=1, keepdim=True)
+
+
+def training_losses(learner, backbone: Backbone, latents: torch.Tensor, train_cfg, generator: torch.Generator,
+                    view_prompts: torch.Tensor | None = None):
     """One step's random draws (views, noise, t, prompt eps) from `generator`, and the total, denoising and
-    orthogonality losses."""
+    orthogonality losses. view_prompts (V, K): under the `per_reference` objective, each view's probabilities of
+    training each prompt (`reference_prompts` of its image)."""
     batch, draws = train_cfg.batch_size, train_cfg.num_samples
     if len(latents) >= batch:
-        picked = latents[torch.randperm(len(latents), generator=generator)[:batch]]
+        chosen = torch.randperm(len(latents), generator=generator)[:batch]
     else:
-        picked = latents[torch.randint(len(latents), (batch,), generator=generator)]
+        chosen = torch.randint(len(latents), (batch,), generator=generator)
+    picked = latents[chosen]
     noise = torch.randn(picked.shape, generator=generator)
     t = torch.randint(0, backbone.num_train_timesteps, (batch,), generator=generator)
     hidden, eos = learner()
     prompt_eps = torch.randn((batch, draws, *hidden.shape[1:]), generator=generator)
-    picks = None
+    picks, relax = None, train_cfg.relax
     if train_cfg.objective == "specialise":
         picks = torch.randint(len(hidden), (batch, draws), generator=generator)
+    elif train_cfg.objective == "per_reference":
+        # Each view trains only its own image's prompts, all M draws counted (relax 1: the mean): no prompt is
+        # pulled towards references of another colour or kind.
+        picks, relax = torch.multinomial(view_prompts[chosen], draws, replacement=True, generator=generator), 1.0
     device = hidden.device
     denoise = denoising_loss(
         backbone, hidden, picked.to(device), noise.to(device), t.to(device), prompt_eps, train_cfg.min_snr_gamma,
-        picks, train_cfg.bandwidth, train_cfg.relax,
+        picks, train_cfg.bandwidth, relax,
     )
     ortho = orthogonality_loss(eos)
     return denoise + train_cfg.ortho_weight * ortho, denoise, ortho
@@ -224,13 +252,14 @@ def resolve_precision(choice: str | bool) -> str:
     return choice
 
 
-def encode_views(backbone: Backbone, images, cfg: DictConfig, resolution: int) -> torch.Tensor:
-    """All training views of the reference images, encoded to latents once (the VAE is frozen)."""
+def encode_views(backbone: Backbone, images, cfg: DictConfig, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All training views of the reference images, encoded to latents once (the VAE is frozen), and the image index
+    of each view."""
     augment = cfg.augment
-    views, _ = training_views(images, resolution, augment.flip, augment.crops, augment.crop_scale, cfg.seed)
+    views, owners = training_views(images, resolution, augment.flip, augment.crops, augment.crop_scale, cfg.seed)
     with torch.no_grad():
         latents = [backbone.encode_images(chunk).float() for chunk in views.split(8)]
-    return torch.cat(latents)
+    return torch.cat(latents), owners
 
 
 def check_resolution(backbone: Backbone, resolution: int) -> None:
@@ -241,11 +270,11 @@ def check_resolution(backbone: Backbone, resolution: int) -> None:
 
 def write_sample_grid(backbone, learner, cfg, resolution: int, path: Path) -> None:
     """A grid of images from the current distribution, always from the same draws (sample.seed): the paper's
-    Gaussian, or under the specialise objective the prompt mixture (uniform weights until the shares are measured)."""
+    Gaussian, or under the other objectives the prompt mixture (uniform weights until the shares are measured)."""
     with torch.no_grad():
         hidden, _ = learner()
     hidden, seed = hidden.float(), cfg.sample.seed
-    if cfg.train.objective == "specialise":
+    if cfg.train.objective != "gaussian":
         sampler = Mixture.of_prompts(hidden, cfg.train.bandwidth)
     else:
         sampler = Gaussian.from_hidden(hidden)
@@ -275,17 +304,21 @@ def train(cfg: DictConfig) -> Path:
         prepare_run_dir(out, cfg.resume, cfg.overwrite, RUN_KIND, RUN_FILES)
         atomic_write(out / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
     accelerator.wait_for_everyone()
-    latents = encode_views(backbone, images, cfg, resolution)
+    latents, owners = encode_views(backbone, images, cfg, resolution)
+    view_prompts = reference_prompts(owners, cfg.prompt.num_prompts)[owners]  # for the per_reference objective
 
     prompt = cfg.prompt
     encoder = SoftPromptEncoder(backbone.tokenizer, backbone.text_encoder, prompt.n_ctx, prompt.prefix, prompt.suffix)
-    learner = PromptLearner(encoder, prompt.num_prompts, prompt.init_std, cfg.seed).to(accelerator.device)
+    learner = PromptLearner(encoder, prompt.num_prompts, prompt.init_std, cfg.seed,
+                            prompt.shared_base).to(accelerator.device)
     optimizer = torch.optim.AdamW(learner.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     checkpoints = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
     start = 0
     if cfg.resume and (state := checkpoints.load_latest()) is not None:
         with torch.no_grad():
             learner.ctx.copy_(state["ctx"])
+            if learner.base is not None:
+                learner.base.copy_(state["base"])
         optimizer.load_state_dict(state["optimizer"])
         if accelerator.scaler is not None and "scaler" in state:  # fp16: the loss scale continues too
             accelerator.scaler.load_state_dict(state["scaler"])
@@ -303,7 +336,7 @@ def train(cfg: DictConfig) -> Path:
     for step in progress:
         generator = step_generator(cfg.seed, step, accelerator.process_index)
         with accelerator.autocast():
-            loss, denoise, ortho = training_losses(learner, backbone, latents, cfg.train, generator)
+            loss, denoise, ortho = training_losses(learner, backbone, latents, cfg.train, generator, view_prompts)
         # Every process stops together: one raising alone would leave the others waiting in the gradient all-reduce.
         if not accelerator.gather(torch.isfinite(loss.detach()).float().view(1)).all():
             raise UserError(
@@ -322,6 +355,8 @@ def train(cfg: DictConfig) -> Path:
             log.flush()
         if main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             snapshot = {"ctx": plain_learner.ctx.detach().cpu(), "optimizer": optimizer.state_dict()}
+            if plain_learner.base is not None:
+                snapshot["base"] = plain_learner.base.detach().cpu()
             if accelerator.scaler is not None:
                 snapshot["scaler"] = accelerator.scaler.state_dict()
             checkpoints.save(done, snapshot)
@@ -331,14 +366,14 @@ def train(cfg: DictConfig) -> Path:
 
     path = out / "distribution.safetensors"
     if main:
-        specialised = cfg.train.objective == "specialise"
+        specialised = cfg.train.objective != "gaussian"
         if specialised:
             with accelerator.autocast():
                 hidden, _ = plain_learner()
                 shares = prompt_shares(backbone, hidden, latents, cfg.train, cfg.seed)
             log.write("prompt shares " + " ".join(f"{share:.3f}" for share in shares.tolist()) + "\n")
         PromptDistribution(
-            ctx=plain_learner.ctx.detach().float().cpu(),
+            ctx=plain_learner.contexts.detach().float().cpu(),
             prefix=prompt.prefix,
             suffix=prompt.suffix,
             model_id=backbone.model_id,

@@ -132,14 +132,40 @@ def test_specialise_counts_the_best_draw_only(backbone, monkeypatch):
     assert hidden.grad[0, 0, 0] > 0 and hidden.grad[1].abs().sum() == 0
 
 
-@pytest.mark.parametrize("objective", ["gaussian", "specialise"])
+def test_reference_prompts_split_the_prompts_among_the_images():
+    from dd3d.learn import reference_prompts
+
+    owners = torch.tensor([0, 0, 1, 1, 2, 2])  # three images, each with its mirrored view
+    split = reference_prompts(owners, 7)
+    assert torch.allclose(split.sum(dim=1), torch.ones(3))
+    assert split[0].nonzero().flatten().tolist() == [0, 3, 6]  # prompt k belongs to image k mod 3
+    assert split[1].nonzero().flatten().tolist() == [1, 4] and split[2].nonzero().flatten().tolist() == [2, 5]
+    assert (split > 0).sum(dim=0).tolist() == [1] * 7  # every prompt used, by one image only
+    fewer = reference_prompts(owners, 2)  # more images than prompts: image i shares prompt i mod 2
+    assert fewer.tolist() == [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]
+
+
+def test_a_shared_base_is_part_of_every_context_and_trains(backbone):
+    encoder = SoftPromptEncoder(backbone.tokenizer, backbone.text_encoder, n_ctx=4, prefix="a", suffix="")
+    learner = PromptLearner(encoder, num_prompts=3, init_std=0.02, seed=0, shared_base=True)
+    with torch.no_grad():
+        learner.base.fill_(0.5)
+    assert torch.equal(learner.contexts, learner.ctx + 0.5)
+    hidden, eos = learner()
+    assert torch.allclose(hidden, encoder(learner.ctx + 0.5)[0])
+    denoising_loss(backbone, hidden, *random_batch(backbone), min_snr_gamma=5.0).backward()
+    assert learner.base.grad.abs().sum() > 0 and learner.ctx.grad.abs().sum() > 0
+    assert PromptLearner(encoder, 3, 0.02, 0).base is None  # off: the paper's K free contexts
+
+
+@pytest.mark.parametrize("objective", ["gaussian", "specialise", "per_reference"])
 def test_two_mode_references(objective, backbone, monkeypatch):
     """References in two modes (+1 and -1): the paper's Gaussian learns their average, prompts trained with the
-    specialise objective split between the two modes."""
+    specialise or the per_reference objective split between the two modes."""
     from omegaconf import OmegaConf
 
     from dd3d.distribution import Mixture
-    from dd3d.learn import prompt_shares, training_losses
+    from dd3d.learn import prompt_shares, reference_prompts, training_losses
 
     synthetic_model(backbone, monkeypatch, torch.tensor([1.0, -1.0, 1.0, -1.0]))
     hidden = torch.nn.Parameter(0.02 * torch.randn(8, 77, 32, generator=torch.Generator().manual_seed(0)))
@@ -151,7 +177,8 @@ def test_two_mode_references(objective, backbone, monkeypatch):
     for step in range(300):
         # fixed order: latent b of the batch is reference b, so modes line up with the synthetic model
         monkeypatch.setattr(torch, "randperm", lambda n, generator=None: torch.arange(n))
-        loss, _, _ = training_losses(learner, backbone, latents, cfg, torch.Generator().manual_seed(step))
+        loss, _, _ = training_losses(learner, backbone, latents, cfg, torch.Generator().manual_seed(step),
+                                     reference_prompts(torch.arange(4), 8))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

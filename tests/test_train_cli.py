@@ -41,8 +41,9 @@ def test_end_to_end_subprocess(tiny_model, refs, tmp_path):
     assert "step 4 loss" in (out / "train.log").read_text()
 
 
-def test_resume_equals_uninterrupted(tiny_model, refs, tmp_path, capsys):
-    common = ["--images", refs, "--model", tiny_model, "checkpoint_every=2", *FAST]
+@pytest.mark.parametrize("objective", [[], ["train.objective=per_reference", "prompt.shared_base=true"]])
+def test_resume_equals_uninterrupted(objective, tiny_model, refs, tmp_path, capsys):
+    common = ["--images", refs, "--model", tiny_model, "checkpoint_every=2", *FAST, *objective]
     code, err = cli([*common, "--out", tmp_path / "whole", "steps=4"], capsys)
     assert code == 0, err
     assert cli([*common, "--out", tmp_path / "split", "steps=2"], capsys)[0] == 0  # "killed" after step 2

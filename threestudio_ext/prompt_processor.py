@@ -41,7 +41,7 @@ class DistributionPromptProcessor(PromptProcessor):
         std_scale: List[float] = field(default_factory=lambda: [1.0])
         sampler: str = "auto"  # auto (as learned) | gaussian (the paper) | prompts (one component per prompt)
         sampler_bandwidth: float = 0.5
-        sampler_shrink: float = 0.3
+        sampler_shrink: float = 0.15
         prefix: Optional[str] = None  # null = the training template
         suffix: Optional[str] = None
         class_index: Optional[int] = None
