@@ -133,7 +133,7 @@ def stage1(dtype: torch.dtype) -> tuple[dict, int, str]:
     latents = torch.zeros(64, 4, 64, 64, device="meta")  # e.g. 16 references x 4 views, encoded once
     prompt = cfg.prompt
     encoder = SoftPromptEncoder(backbone.tokenizer, backbone.text_encoder, prompt.n_ctx, prompt.prefix, prompt.suffix)
-    learner = PromptLearner(encoder, prompt.num_prompts, prompt.init_std, cfg.seed).to("meta")
+    learner = PromptLearner(encoder, prompt.num_prompts, prompt.init_std, cfg.seed, prompt.shared_base).to("meta")
     tracker = LiveTensorBytes()
     with tracker:
         loss, _, _ = training_losses(learner, backbone, latents, cfg.train, torch.Generator().manual_seed(0))

@@ -26,14 +26,16 @@ from dd3d.learn import PromptLearner, step_generator, training_losses  # noqa: E
 from dd3d.prompts import SoftPromptEncoder  # noqa: E402
 from dd3d.tiny.build import save_tiny_model  # noqa: E402
 
-TRAIN = OmegaConf.load(Path(__file__).resolve().parent.parent / "configs" / "train_distribution.yaml").train
+DEFAULTS = OmegaConf.load(Path(__file__).resolve().parent.parent / "configs" / "train_distribution.yaml")
+TRAIN = DEFAULTS.train
 
 
 def time_steps(backbone: Backbone, latent_size: int, steps: int, autocast_dtype) -> float:
     """Mean wall-clock ms of forward + backward + AdamW step, after two warm-up steps."""
     device = backbone.device
     encoder = SoftPromptEncoder(backbone.tokenizer, backbone.text_encoder, n_ctx=4)
-    learner = PromptLearner(encoder, num_prompts=32, init_std=0.02, seed=0).to(device)
+    learner = PromptLearner(encoder, num_prompts=32, init_std=0.02, seed=0,
+                            shared_base=DEFAULTS.prompt.shared_base).to(device)
     optimizer = torch.optim.AdamW(learner.parameters(), lr=1e-3, weight_decay=1e-2)
     latents = torch.randn(16, 4, latent_size, latent_size)
     times = []

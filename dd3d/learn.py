@@ -67,7 +67,8 @@ CONFIG_RANGES = {
     "sample.steps": (">=", 1),
     "sample.seed": (">=", 0),
 }
-FIXED_ON_RESUME = ("prompt.num_prompts", "prompt.n_ctx", "prompt.shared_base")  # the shapes of the checkpointed ctx and Adam state
+# The shapes of the checkpointed parameters and Adam state.
+FIXED_ON_RESUME = ("prompt.num_prompts", "prompt.n_ctx", "prompt.shared_base")
 
 
 class PromptLearner(torch.nn.Module):
@@ -207,7 +208,7 @@ def training_losses(learner, backbone: Backbone, latents: torch.Tensor, train_cf
                     view_prompts: torch.Tensor | None = None):
     """One step's random draws (views, noise, t, prompt eps) from `generator`, and the total, denoising and
     orthogonality losses. view_prompts (V, K): under the `per_reference` objective, each view's probabilities of
-    training each prompt (`reference_prompts` of its image)."""
+    training each prompt (`reference_prompts` of its image; None: every view is an image of its own)."""
     batch, draws = train_cfg.batch_size, train_cfg.num_samples
     if len(latents) >= batch:
         chosen = torch.randperm(len(latents), generator=generator)[:batch]
@@ -224,6 +225,8 @@ def training_losses(learner, backbone: Backbone, latents: torch.Tensor, train_cf
     elif train_cfg.objective == "per_reference":
         # Each view trains only its own image's prompts, all M draws counted (relax 1: the mean): no prompt is
         # pulled towards references of another colour or kind.
+        if view_prompts is None:
+            view_prompts = reference_prompts(torch.arange(len(latents)), len(hidden))
         picks, relax = torch.multinomial(view_prompts[chosen], draws, replacement=True, generator=generator), 1.0
     device = hidden.device
     denoise = denoising_loss(
