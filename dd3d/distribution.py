@@ -149,7 +149,7 @@ class PromptDistribution:
     model_id: str
     fingerprint: str
     reference_positions: bool = False  # imported from the reference code: fixed tokens positioned twice
-    weights: torch.Tensor | None = None  # (K,) each prompt's share of the references (specialise objective)
+    weights: torch.Tensor | None = None  # (K,) each prompt's share of the references (all objectives but gaussian)
     sampler: str = "gaussian"  # the sampler `sampler=auto` picks for this distribution
 
     @property

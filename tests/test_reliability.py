@@ -107,7 +107,8 @@ def test_overwrite_recognises_a_run_of_a_dd3d_without_markers(tmp_path):
         ("train.lr=fast", "train.lr must be a finite number, not 'fast'"),
         ("augment.crop_scale=1.5", "augment.crop_scale must be > 0 and <= 1, not 1.5"),
         ("resolution=big", "resolution must be a whole number"),
-        ("train.objective=average", "train.objective must be in ('gaussian', 'specialise', 'per_reference'), not 'average'"),
+        ("train.objective=average",
+         "train.objective must be in ('gaussian', 'specialise', 'per_reference'), not 'average'"),
     ],
 )
 def test_bad_values_one_line_before_the_run_folder_exists(override, message, tiny_model, refs, tmp_path, capsys):
