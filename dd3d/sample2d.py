@@ -28,7 +28,8 @@ from dd3d.distribution import Mixture, PromptDistribution, build_sampler, load_d
 from dd3d.files import atomic_write, image_grid
 from dd3d.progress import tqdm
 
-PROMPT_STREAM, LATENT_STREAM = 0, 1
+PROMPT_STREAM, LATENT_STREAM, STRATA_STREAM = 0, 1, 2
+GOLDEN = (5**0.5 - 1) / 2  # the Weyl sequence frac(offset + i * GOLDEN) covers [0, 1) evenly for every n
 NULLABLE = dict.fromkeys(("model", "out", "prefix", "suffix"), "")  # the types of keys whose default is null
 NULLABLE |= {"weights": [0.0], "class_index": 0, "resolution": 0}
 CONFIG_RANGES = {
@@ -68,6 +69,18 @@ def prompt_noise(cfg: DictConfig, index: int, shape: torch.Size) -> tuple[torch.
     return torch.randn(shape, generator=generator), torch.rand((), generator=generator)
 
 
+def stratified_uniform(cfg: DictConfig, sampler, index: int, uniform: torch.Tensor) -> torch.Tensor:
+    """The mixture uniform of image `index`: with cfg.stratify (mixtures only), image i takes the component found at
+    position frac(offset + i / golden ratio) along the components' main axis (Mixture.spread_uniform), a
+    low-discrepancy sequence, so the first n images of a run draw every component in proportion to its weight (to
+    within about two images) instead of by independent chance, and image i's component does not depend on n. Otherwise, and
+    for a Gaussian, `uniform` itself."""
+    if not (cfg.stratify and isinstance(sampler, Mixture)):
+        return uniform
+    offset = float(torch.rand((), generator=image_generator(cfg, 0, STRATA_STREAM)))  # one offset per run
+    return torch.tensor(sampler.spread_uniform((offset + index * GOLDEN) % 1.0))
+
+
 # --- the run -------------------------------------------------------------------------------------------------------
 
 
@@ -81,6 +94,7 @@ def render_indices(cfg: DictConfig, backbone, sampler, indices: list[int], progr
     batches = [indices[i : i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
     for batch in tqdm(batches, desc="sample", disable=not progress):
         eps, uniforms = zip(*(prompt_noise(cfg, index, shape) for index in batch))
+        uniforms = [stratified_uniform(cfg, sampler, index, u) for index, u in zip(batch, uniforms)]
         embeddings, chosen = sampler.apply(torch.stack(eps), torch.stack(uniforms))
         generators = [image_generator(cfg, index, LATENT_STREAM) for index in batch]
         images += generate(pipeline, embeddings, negative, cfg.steps, cfg.guidance, generators, resolution,
@@ -115,8 +129,8 @@ def regenerate(manifest_path: Path, index: int, backbone=None) -> Image.Image:
     """Image `index` of a sample2d run, made again from its manifest alone."""
     manifest = json.loads(Path(manifest_path).read_text())
     # The defaults fill settings that manifests of older versions lack; those made before the guidance interval
-    # existed guided every step.
-    settings = {"guidance_interval": [0.0, 1.0], **manifest["settings"]}
+    # existed guided every step, those made before stratification drew each component independently.
+    settings = {"guidance_interval": [0.0, 1.0], "stratify": False, **manifest["settings"]}
     cfg = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "sample2d.yaml"), settings)
     if not 0 <= index < cfg.n:
         raise UserError(f"index {index} is outside this run's {cfg.n} images")

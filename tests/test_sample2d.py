@@ -19,7 +19,7 @@ from dd3d.distribution import (
     build_sampler,
     import_reference_checkpoint,
 )
-from dd3d.sample2d import describe, main, prompt_noise, regenerate, sample
+from dd3d.sample2d import describe, main, prompt_noise, regenerate, sample, stratified_uniform
 from tests.conftest import run_cli
 
 CFG = OmegaConf.load("configs/sample2d.yaml")
@@ -75,6 +75,21 @@ def test_blend_and_mixture_moments():
     second = 0.7 * (0.25 + 1) + 0.3 * (4 + 9)
     assert abs(x.mean() - mean) < 0.05
     assert abs(x.var() - (second - mean**2)) < 0.1
+
+
+def test_stratified_images_draw_components_in_proportion():
+    weights = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    mixture = Mixture([Gaussian(torch.full((77, 2), float(k)), torch.zeros(77, 2)) for k in range(4)], weights)
+
+    def counts(stratify, n):
+        cfg = config(n=n, seed=3, stratify=stratify)
+        uniforms = torch.stack([stratified_uniform(cfg, mixture, i, prompt_noise(cfg, i, (77, 2))[1]) for i in range(n)])
+        return mixture.apply(torch.zeros(n, 77, 2), uniforms)[1]
+
+    stratified, independent = counts(True, 1000), counts(False, 1000)
+    error = lambda chosen: (torch.bincount(chosen, minlength=4) - 1000 * weights).abs().max()  # noqa: E731
+    assert error(stratified) <= 3 and error(independent) > 6  # independent draws: binomial noise of ~13 images
+    assert torch.equal(counts(True, 50), stratified[:50])  # image i's component does not depend on n
 
 
 def test_fixed_noise_shares_eps_across_edits(backbone, dist_files):
