@@ -15,31 +15,8 @@ from dd3d.files import atomic_write
 from dd3d.prompts import SoftPromptEncoder
 
 FILE_KIND = "dd3d-prompt-distribution"
-FORMAT_VERSION = 3  # 3 added `num_references` (the per_reference split); 2 the optional per-prompt `weights` and
-# the `sampler` metadata; 1 and 2 are still read
+FORMAT_VERSION = 2  # 2 added the optional per-prompt `weights` and the `sampler` metadata; 1 is still read
 SAMPLERS = ("gaussian", "prompts")
-FALLBACK_SHRINK = 0.15  # sampler_shrink=auto where a file records no per_reference split (measured best at 300 steps)
-
-
-def check_shrink(value) -> None:
-    """sampler_shrink is a fraction in [0, 1] or "auto"; anything else is refused."""
-    if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1):
-        return
-    raise UserError(f"sampler_shrink must be auto or a number in [0, 1], not {value!r}")
-
-
-def replicate_shrink(hidden: torch.Tensor, num_references: int) -> float | None:
-    """The empirical-Bayes shrink of per_reference prompts (K, 77, d), where prompt k was learned from reference
-    k mod num_references: the prompts learned from one reference differ only by the noise of their estimate, so the
-    share of the prompts' variance about their mean that lies within those groups is the share to shrink away
-    (James-Stein). None where no reference has two prompts."""
-    flat = hidden.flatten(1).double()
-    groups = [flat[i::num_references] for i in range(num_references)]
-    within = [(g - g.mean(0)).square().sum() / (len(g) - 1) for g in groups if len(g) > 1]
-    if not within:
-        return None
-    total = (flat - flat.mean(0)).square().sum(1).mean()
-    return float((torch.stack(within).mean() / total).clamp(0.0, 1.0))
 
 
 @dataclass
@@ -174,7 +151,6 @@ class PromptDistribution:
     reference_positions: bool = False  # imported from the reference code: fixed tokens positioned twice
     weights: torch.Tensor | None = None  # (K,) each prompt's share of the references (all objectives but gaussian)
     sampler: str = "gaussian"  # the sampler `sampler=auto` picks for this distribution
-    num_references: int | None = None  # per_reference objective: prompt k was learned from reference k mod this
 
     @property
     def num_prompts(self) -> int:
@@ -198,8 +174,6 @@ class PromptDistribution:
             "reference_positions": str(self.reference_positions).lower(),
             "sampler": self.sampler,
         }
-        if self.num_references is not None:
-            metadata["num_references"] = str(self.num_references)
         tensors = {"ctx": self.ctx.detach().to("cpu", torch.float32).contiguous()}
         if self.weights is not None:
             tensors["weights"] = self.weights.detach().to("cpu", torch.float32).contiguous()
@@ -230,7 +204,6 @@ class PromptDistribution:
             reference_positions=metadata.get("reference_positions") == "true",
             weights=tensors.get("weights"),
             sampler=metadata.get("sampler", "gaussian"),
-            num_references=int(metadata["num_references"]) if "num_references" in metadata else None,
         )
 
     def check_backbone(self, backbone) -> None:
@@ -255,20 +228,16 @@ class PromptDistribution:
 
     @torch.no_grad()
     def fit(self, backbone, prefix: str | None = None, suffix: str | None = None, sampler: str = "gaussian",
-            bandwidth: float = 0.5, shrink: float | str = 0.0) -> Gaussian | Mixture:
+            bandwidth: float = 0.5, shrink: float = 0.0) -> Gaussian | Mixture:
         """Encode the K contexts under a template and fit the sampler to their encoder outputs: the paper's one
         diagonal Gaussian (`gaussian`), a mixture with one component per prompt weighted by the prompts' shares
-        (`prompts`, see Mixture.of_prompts for bandwidth and shrink; shrink "auto": `replicate_shrink` of the
-        encoded prompts where the file records a per_reference split, else FALLBACK_SHRINK), or the one the
-        distribution was learned for (`auto`)."""
+        (`prompts`, see Mixture.of_prompts for bandwidth and shrink), or the one the distribution was learned for
+        (`auto`)."""
         sampler = self.sampler if sampler == "auto" else sampler
         if sampler not in SAMPLERS:
             raise UserError(f"sampler must be auto, {' or '.join(SAMPLERS)}, not '{sampler}'")
         hidden, _ = self.encoder(backbone, prefix, suffix)(self.ctx, self.reference_positions)
         if sampler == "prompts":
-            if shrink == "auto":
-                measured = replicate_shrink(hidden, self.num_references) if self.num_references else None
-                shrink = FALLBACK_SHRINK if measured is None else measured
             return Mixture.of_prompts(hidden.float(), bandwidth, self.weights, shrink)
         return Gaussian.from_hidden(hidden.float())
 
@@ -356,7 +325,6 @@ def build_sampler(cfg: DictConfig, backbone, view: str | None = None) -> Gaussia
         suffix = view_suffix(dist.suffix if cfg.suffix is None else cfg.suffix, view)
         kind, bandwidth, shrink = (cfg.get(key, default) for key, default in
                                    (("sampler", "auto"), ("sampler_bandwidth", 0.5), ("sampler_shrink", 0.0)))
-        check_shrink(shrink)
         sampler = dist.fit(backbone, cfg.prefix, suffix, kind, bandwidth, shrink)
         fitted.append(sampler.scaled(scale))
     if count == 1:

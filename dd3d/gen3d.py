@@ -51,6 +51,7 @@ NULLABLE |= {"camera.light_direction": [0.0]}
 CONFIG_RANGES = {
     "sampler": ("in", ("auto", "gaussian", "prompts")),
     "sampler_bandwidth": (">=", 0),
+    "sampler_shrink": (">=", 0, "<=", 1),
     "seed": (">=", 0),
     "steps": (">=", 1),
     "num_samples": (">=", 1),

@@ -383,7 +383,6 @@ def train(cfg: DictConfig) -> Path:
             fingerprint=backbone.fingerprint,
             weights=shares if specialised else None,
             sampler="prompts" if specialised else "gaussian",
-            num_references=len(images) if cfg.train.objective == "per_reference" else None,
         ).save(path)
         log.write(f"wrote {path}\n")
         log.close()

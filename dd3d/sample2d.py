@@ -35,6 +35,7 @@ NULLABLE |= {"weights": [0.0], "class_index": 0, "resolution": 0}
 CONFIG_RANGES = {
     "sampler": ("in", ("auto", "gaussian", "prompts")),
     "sampler_bandwidth": (">=", 0),
+    "sampler_shrink": (">=", 0, "<=", 1),
     "n": (">=", 1),
     "batch_size": (">=", 1),
     "seed": (">=", 0),

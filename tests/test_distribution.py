@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import save_file
 
 from dd3d.cli import UserError
-from dd3d.distribution import FALLBACK_SHRINK, Gaussian, Mixture, PromptDistribution, check_shrink, replicate_shrink
+from dd3d.distribution import Gaussian, Mixture, PromptDistribution
 
 
 def make_distribution(backbone, k=6, seed=0):
@@ -115,39 +115,6 @@ def test_shrink_pulls_each_prompt_towards_the_weighted_mean():
     assert torch.allclose(shrunk.components[1].mean, torch.full((77, 8), 0.25))
     assert torch.allclose(shrunk.components[0].std, 0.75 * plain.components[0].std)
     assert torch.allclose(Mixture.of_prompts(hidden, 0.5, shares, shrink=1.0).components[0].mean, shrunk.mean)
-
-
-def test_replicate_shrink_is_the_noise_share_of_the_prompts_variance():
-    # 3 references, 2 prompts each (prompt k from reference k mod 3): reference means 0, +6, -6 on one element, each
-    # prompt its mean +-1 on another. Noise variance per prompt: (1 + 1) / (2 - 1) = 2; variance about the mean of
-    # all six: (0 + 36 + 36) / 3 + 1 = 25; the shrink is 2 / 25.
-    centres, noise = torch.zeros(3, 77, 4), torch.zeros(6, 77, 4)
-    centres[1, 0, 0], centres[2, 0, 0] = 6.0, -6.0
-    noise[:3, 0, 1], noise[3:, 0, 1] = 1.0, -1.0
-    hidden = centres.repeat(2, 1, 1) + noise  # row k = reference k mod 3
-    assert replicate_shrink(hidden, 3) == pytest.approx(2 / 25)
-    # Prompts that agree within each reference: no noise, nothing to shrink; no two prompts per reference: unknown.
-    assert replicate_shrink(centres.repeat(2, 1, 1), 3) == 0.0
-    assert replicate_shrink(hidden, 6) is None
-
-
-def test_auto_shrink_from_the_recorded_split_and_the_fallback_for_older_files(backbone, tmp_path):
-    dist = make_distribution(backbone, k=6)
-    dist.sampler, dist.num_references = "prompts", 3
-    dist.save(tmp_path / "v3.safetensors")
-    loaded = PromptDistribution.load(tmp_path / "v3.safetensors")
-    assert loaded.num_references == 3
-    hidden, _ = loaded.encoder(backbone)(loaded.ctx)
-    expected = Mixture.of_prompts(hidden.float(), 0.5, None, replicate_shrink(hidden, 3))
-    auto = loaded.fit(backbone, sampler="auto", shrink="auto")
-    assert torch.allclose(auto.components[0].mean, expected.components[0].mean, atol=1e-5)
-    loaded.num_references = None  # a file without the split (version 2, or another objective)
-    fallback = Mixture.of_prompts(hidden.float(), 0.5, None, FALLBACK_SHRINK)
-    assert torch.allclose(loaded.fit(backbone, sampler="auto", shrink="auto").components[0].mean,
-                          fallback.components[0].mean, atol=1e-5)
-    for bad in (-0.1, 1.5, "half", True):
-        with pytest.raises(UserError, match="sampler_shrink must be auto or a number in \\[0, 1\\]"):
-            check_shrink(bad)
 
 
 def test_combined_mixture_flattens_weights():

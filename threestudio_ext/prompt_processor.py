@@ -17,7 +17,7 @@ unconditional branch is the negative prompt, empty by default. Use it in a three
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import threestudio
 import torch
@@ -41,7 +41,7 @@ class DistributionPromptProcessor(PromptProcessor):
         std_scale: List[float] = field(default_factory=lambda: [1.0])
         sampler: str = "auto"  # auto (as learned) | gaussian (the paper) | prompts (one component per prompt)
         sampler_bandwidth: float = 0.5
-        sampler_shrink: Any = 0.15  # a fraction in [0, 1], or auto (see configs/sample2d.yaml)
+        sampler_shrink: float = 0.15
         prefix: Optional[str] = None  # null = the training template
         suffix: Optional[str] = None
         class_index: Optional[int] = None
