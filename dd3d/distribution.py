@@ -67,6 +67,16 @@ def blend(components: list[Gaussian], weights: torch.Tensor) -> Gaussian:
     return Gaussian(mean, variance.sqrt())
 
 
+def local_means(hidden: torch.Tensor, weights: torch.Tensor, neighbours: int) -> torch.Tensor:
+    """For each of the K encodings (K, 77, d), the weighted mean of its `neighbours` nearest (Euclidean) among those
+    with positive weight, itself included when it has one; (K, 77, d)."""
+    flat = hidden.flatten(1).double()
+    distance = torch.cdist(flat, flat).masked_fill(weights[None, :] <= 0, float("inf"))
+    nearest = distance.topk(min(neighbours, int((weights > 0).sum())), dim=1, largest=False).indices
+    local = torch.zeros_like(distance).scatter_(1, nearest, 1.0) * weights[None, :].double()
+    return ((local / local.sum(1, keepdim=True)) @ flat).to(hidden.dtype).view_as(hidden)
+
+
 @dataclass
 class Mixture:
     """A true mixture: component i with probability w_i, then a draw from that component."""
@@ -76,15 +86,20 @@ class Mixture:
 
     @classmethod
     def of_prompts(cls, hidden: torch.Tensor, bandwidth: float, weights: torch.Tensor | None = None,
-                   shrink: float = 0.0) -> "Mixture":
+                   shrink: float = 0.0, neighbours: int = 0) -> "Mixture":
         """One component per prompt, centred on its encoder output (K, 77, d), all with the spread `bandwidth` times
         the K prompts' std: the prompts' modes stay apart instead of blending into one Gaussian. Weights (K,) are
-        the prompts' shares (uniform when None). `shrink` pulls every component that fraction of the way to the
-        mixture's mean (offsets and spreads times 1 - shrink): each prompt is learned from a few references, and
-        shrinking its estimate towards the consensus removes part of its noise (James-Stein style)."""
+        the prompts' shares (uniform when None). `shrink` pulls every component that fraction of the way to a
+        consensus (spreads times 1 - shrink): each prompt is learned from a few references, and shrinking its
+        estimate removes part of its noise (James-Stein style). The consensus is the mixture's mean, or with
+        `neighbours` = N the share-weighted mean of the N nearest prompts that have a share (itself among them), so
+        that a prompt is denoised within its own mode instead of being pulled towards the others'."""
         spread = Gaussian.from_hidden(hidden).std * bandwidth
         weights = torch.full((len(hidden),), 1.0 / len(hidden)) if weights is None else weights / weights.sum()
-        return cls([Gaussian(row, spread) for row in hidden], weights.float()).scaled(1.0 - shrink)
+        weights = weights.float()
+        targets = local_means(hidden, weights, neighbours) if neighbours else (weights[:, None, None] * hidden).sum(0)
+        means = hidden + shrink * (targets - hidden)
+        return cls([Gaussian(row, spread * (1.0 - shrink)) for row in means], weights)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -228,17 +243,17 @@ class PromptDistribution:
 
     @torch.no_grad()
     def fit(self, backbone, prefix: str | None = None, suffix: str | None = None, sampler: str = "gaussian",
-            bandwidth: float = 0.5, shrink: float = 0.0) -> Gaussian | Mixture:
+            bandwidth: float = 0.5, shrink: float = 0.0, neighbours: int = 0) -> Gaussian | Mixture:
         """Encode the K contexts under a template and fit the sampler to their encoder outputs: the paper's one
         diagonal Gaussian (`gaussian`), a mixture with one component per prompt weighted by the prompts' shares
-        (`prompts`, see Mixture.of_prompts for bandwidth and shrink), or the one the distribution was learned for
+        (`prompts`, see Mixture.of_prompts for bandwidth, shrink and neighbours), or the one the distribution was learned for
         (`auto`)."""
         sampler = self.sampler if sampler == "auto" else sampler
         if sampler not in SAMPLERS:
             raise UserError(f"sampler must be auto, {' or '.join(SAMPLERS)}, not '{sampler}'")
         hidden, _ = self.encoder(backbone, prefix, suffix)(self.ctx, self.reference_positions)
         if sampler == "prompts":
-            return Mixture.of_prompts(hidden.float(), bandwidth, self.weights, shrink)
+            return Mixture.of_prompts(hidden.float(), bandwidth, self.weights, shrink, neighbours)
         return Gaussian.from_hidden(hidden.float())
 
 
@@ -323,9 +338,10 @@ def build_sampler(cfg: DictConfig, backbone, view: str | None = None) -> Gaussia
     for path, scale in zip(cfg.dists, scales):
         dist = load_distribution(path, backbone, cfg.class_index)
         suffix = view_suffix(dist.suffix if cfg.suffix is None else cfg.suffix, view)
-        kind, bandwidth, shrink = (cfg.get(key, default) for key, default in
-                                   (("sampler", "auto"), ("sampler_bandwidth", 0.5), ("sampler_shrink", 0.0)))
-        sampler = dist.fit(backbone, cfg.prefix, suffix, kind, bandwidth, shrink)
+        kind, bandwidth, shrink, neighbours = (
+            cfg.get(key, default) for key, default in (("sampler", "auto"), ("sampler_bandwidth", 0.5),
+                                                       ("sampler_shrink", 0.0), ("sampler_shrink_neighbours", 0)))
+        sampler = dist.fit(backbone, cfg.prefix, suffix, kind, bandwidth, shrink, neighbours)
         fitted.append(sampler.scaled(scale))
     if count == 1:
         return fitted[0]

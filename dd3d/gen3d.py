@@ -52,6 +52,7 @@ CONFIG_RANGES = {
     "sampler": ("in", ("auto", "gaussian", "prompts")),
     "sampler_bandwidth": (">=", 0),
     "sampler_shrink": (">=", 0, "<=", 1),
+    "sampler_shrink_neighbours": (">=", 0),
     "seed": (">=", 0),
     "steps": (">=", 1),
     "num_samples": (">=", 1),

@@ -36,6 +36,7 @@ CONFIG_RANGES = {
     "sampler": ("in", ("auto", "gaussian", "prompts")),
     "sampler_bandwidth": (">=", 0),
     "sampler_shrink": (">=", 0, "<=", 1),
+    "sampler_shrink_neighbours": (">=", 0),
     "n": (">=", 1),
     "batch_size": (">=", 1),
     "seed": (">=", 0),

@@ -117,6 +117,23 @@ def test_shrink_pulls_each_prompt_towards_the_weighted_mean():
     assert torch.allclose(Mixture.of_prompts(hidden, 0.5, shares, shrink=1.0).components[0].mean, shrunk.mean)
 
 
+def test_shrink_towards_neighbours_keeps_modes_apart():
+    # Two modes of three prompts each, at 0 +- 1 and 10 +- 1; the last prompt has no share.
+    levels = [-1.0, 0.0, 1.0, 9.0, 10.0, 11.0, 3.5]
+    hidden = torch.stack([torch.full((77, 8), v) for v in levels])
+    shares = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    local = Mixture.of_prompts(hidden, 0.5, shares, shrink=1.0, neighbours=3)
+    centres = [float(c.mean[0, 0]) for c in local.components]
+    # Full shrink to each prompt's 3 nearest shared prompts: every prompt lands on its own mode's mean, the shareless
+    # one on the nearer mode's; the global shrink puts all on the 5.0 between the modes.
+    assert centres == pytest.approx([0.0] * 3 + [10.0] * 3 + [0.0])
+    assert all(float(c.mean[0, 0]) == pytest.approx(5.0) for c in Mixture.of_prompts(hidden, 0.5, shares, 1.0).components)
+    # As many neighbours as shared prompts is the global shrink.
+    wide = Mixture.of_prompts(hidden, 0.5, shares, shrink=0.3, neighbours=6)
+    narrow = Mixture.of_prompts(hidden, 0.5, shares, shrink=0.3)
+    assert all(torch.allclose(a.mean, b.mean) for a, b in zip(wide.components, narrow.components))
+
+
 def test_combined_mixture_flattens_weights():
     a = Mixture.of_prompts(two_mode_hidden(4), 0.5)
     b = Gaussian(torch.zeros(77, 8), torch.ones(77, 8))

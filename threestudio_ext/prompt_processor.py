@@ -42,6 +42,7 @@ class DistributionPromptProcessor(PromptProcessor):
         sampler: str = "auto"  # auto (as learned) | gaussian (the paper) | prompts (one component per prompt)
         sampler_bandwidth: float = 0.5
         sampler_shrink: float = 0.15
+        sampler_shrink_neighbours: int = 0  # 0: shrink towards the mixture's mean | N: towards the N nearest prompts
         prefix: Optional[str] = None  # null = the training template
         suffix: Optional[str] = None
         class_index: Optional[int] = None
@@ -58,7 +59,8 @@ class DistributionPromptProcessor(PromptProcessor):
                              "set view_dependent_prompt_front to false")
         sampler_cfg = OmegaConf.create({key: getattr(self.cfg, key) for key in
                                         ("dists", "weights", "mix", "std_scale", "prefix", "suffix", "class_index",
-                                         "sampler", "sampler_bandwidth", "sampler_shrink")})
+                                         "sampler", "sampler_bandwidth", "sampler_shrink",
+                                         "sampler_shrink_neighbours")})
         backbone = Backbone.load(self.cfg.pretrained_model_name_or_path)
         self.view_prompts = ViewPrompts.from_distributions(sampler_cfg, backbone)
         self.view_free = ViewPrompts({"": build_sampler(sampler_cfg, backbone)}, self.view_prompts.uncond)
