@@ -246,8 +246,8 @@ class PromptDistribution:
             bandwidth: float = 0.5, shrink: float = 0.0, neighbours: int = 0) -> Gaussian | Mixture:
         """Encode the K contexts under a template and fit the sampler to their encoder outputs: the paper's one
         diagonal Gaussian (`gaussian`), a mixture with one component per prompt weighted by the prompts' shares
-        (`prompts`, see Mixture.of_prompts for bandwidth, shrink and neighbours), or the one the distribution was learned for
-        (`auto`)."""
+        (`prompts`, see Mixture.of_prompts for bandwidth, shrink and neighbours), or the one the distribution was
+        learned for (`auto`)."""
         sampler = self.sampler if sampler == "auto" else sampler
         if sampler not in SAMPLERS:
             raise UserError(f"sampler must be auto, {' or '.join(SAMPLERS)}, not '{sampler}'")

@@ -127,7 +127,8 @@ def test_shrink_towards_neighbours_keeps_modes_apart():
     # Full shrink to each prompt's 3 nearest shared prompts: every prompt lands on its own mode's mean, the shareless
     # one on the nearer mode's; the global shrink puts all on the 5.0 between the modes.
     assert centres == pytest.approx([0.0] * 3 + [10.0] * 3 + [0.0])
-    assert all(float(c.mean[0, 0]) == pytest.approx(5.0) for c in Mixture.of_prompts(hidden, 0.5, shares, 1.0).components)
+    pooled = Mixture.of_prompts(hidden, 0.5, shares, shrink=1.0)
+    assert all(float(c.mean[0, 0]) == pytest.approx(5.0) for c in pooled.components)
     # As many neighbours as shared prompts is the global shrink.
     wide = Mixture.of_prompts(hidden, 0.5, shares, shrink=0.3, neighbours=6)
     narrow = Mixture.of_prompts(hidden, 0.5, shares, shrink=0.3)
