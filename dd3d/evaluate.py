@@ -37,6 +37,7 @@ from dd3d.tiny.world import (
     KEY,
     KEY_LIGHT,
     KINDS,
+    OTHER,
     SIZE_RANGE,
     VIEWS,
     object_sdf,
@@ -45,7 +46,8 @@ from dd3d.tiny.world import (
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 SIZES = ("small", "medium", "large")
-ATTRIBUTES = {"kind": KINDS, "colour": COLOUR_NAMES, "view": VIEWS, "size": SIZES}
+# The oracle may read an image as none of the kinds (OTHER: a featureless blob); such samples count against the kind.
+ATTRIBUTES = {"kind": (*KINDS, OTHER), "colour": COLOUR_NAMES, "view": VIEWS, "size": SIZES}
 GRID_RESOLUTION = 64  # voxels per axis for the 3D geometry
 HAZE_MARGIN = 0.1  # occupied voxels farther than this (world units, 5% of the box) from the true surface are haze
 FRAMES = 8  # turntable frames read by the oracle

@@ -71,8 +71,8 @@ def bars_3d(several: bool) -> tuple[Bar, ...]:
         Bar("geometry.iou", "IoU with the true object", ">=", 0.4 if several else 0.5),
         Bar("geometry.haze", "haze share", "<=", 0.1),
         Bar("geometry.iou_over_ball", "IoU minus the best ball's", ">=", 0.1),
-        # The oracle reads even the true mug as one on only 2-6 of 8 albedo frames (pink 2, purple 5, blue 6): the
-        # kind bars stop at the true object's own count, in the asset's colour.
+        # The kind bars stop at the true object's own count in the asset's colour: a safeguard since the oracle also
+        # learnt unlit renders (it reads every true kind on 8 of 8 albedo frames; before, the true mug on 2-6).
         Bar("appearance.albedo.kind", "kind, albedo frames", ">=", 7, "truth_appearance.albedo.kind"),
         Bar("appearance.shaded.kind", "kind, shaded frames", ">=", 7, "truth_appearance.shaded.kind"),
         Bar("appearance.albedo.colour", "reference colour, albedo frames", ">=", 7),

@@ -14,7 +14,8 @@ from dd3d.tiny.train import Trainer, main
 TOY_ARCHITECTURE = dict(width=32, image_size=16, unet_channels=(32, 64), unet_attention=(True, True), unet_heads=2,
                         vae_channels=(16, 32), vae_mid_attention=False)
 TOY_VALUES = dict(
-    train_images=48, heldout_images=16, resolution=16, oracle_steps=2, oracle_batch=8, vae_steps=2, vae_batch=4,
+    train_images=48, heldout_images=16, resolution=16, oracle_steps=2, oracle_batch=8, oracle_other_images=20,
+    vae_steps=2, vae_batch=4,
     unet_steps=2, unet_restart_steps=1, unet_restart_cycles=2, unet_batch=4, warmup_steps=1, checkpoint_every=2,
     eval_images_per_prompt=1, eval_steps=1,
 )
@@ -52,6 +53,26 @@ def test_model_card_is_regenerated_from_metrics(toy_run):
     (model / "README.md").unlink()
     main(["--model-card", "--model-dir", str(model)])
     assert (model / "README.md").read_text() == card
+
+
+def test_retrain_oracle_keeps_the_pipeline_and_its_training_record(toy_run, tmp_path):
+    """--retrain-oracle writes a new oracle (with the kind "other") beside the same pipeline weights, keeps the
+    pipeline's recipe and training times, and records the oracle's own recipe."""
+    _, model = toy_run
+    before = json.loads((model / "metrics.json").read_text())
+    unet = StableDiffusionPipeline.from_pretrained(str(model)).unet.state_dict()
+    main(["--retrain-oracle", "--out", str(tmp_path / "work"), "--model-dir", str(model), *TOY, "oracle_steps=3",
+          "oracle_unlit_share=0.5"])
+    after = json.loads((model / "metrics.json").read_text())
+    assert after["timings_s"] == before["timings_s"] and "retrained alone" in after["timing_note"]
+    assert after["recipe"]["oracle_steps"] == 3 and after["recipe"]["unet_steps"] == before["recipe"]["unet_steps"]
+    assert "kind" in after["oracle_heldout_other_accuracy"] and "kind" in after["oracle_heldout_unlit_accuracy"]
+    assert Oracle.load(model).labels["kind"][-1] == "other"
+    again = StableDiffusionPipeline.from_pretrained(str(model)).unet.state_dict()
+    assert all(torch.equal(unet[k], again[k]) for k in unet)
+    with pytest.raises(UserError, match="needs a trained model"):
+        main(["--retrain-oracle", "--out", str(tmp_path / "w2"), "--model-dir", str(tmp_path / "none"), *TOY])
+    assert not (tmp_path / "w2").exists()
 
 
 def test_rerun_needs_resume_and_the_same_recipe(toy_run):

@@ -26,6 +26,16 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
+def _unlit_accuracy(metrics: dict) -> str:
+    unlit, other = metrics.get("oracle_heldout_unlit_accuracy"), metrics.get("oracle_heldout_other_accuracy")
+    text = ""
+    if unlit:
+        text += f"; on the same renders unlit: kind {unlit['kind']:.1%}, colour {unlit['colour']:.1%}"
+    if other:
+        text += f"; held-out featureless shapes read as \"other\": {other['kind']:.1%}"
+    return text
+
+
 def write_model_card(path: Path, metrics: dict) -> None:
     recipe, quality, timings = metrics["recipe"], metrics["quality"], metrics["timings_s"]
     arch = recipe["architecture"]
@@ -86,8 +96,13 @@ Folder: {metrics['folder_mb']:.1f} MB, float32 safetensors. The oracle (`oracle.
 Fixed seed {recipe['seed']}; every random draw is a function of (seed, stage, step), and each stage resumes from
 atomic checkpoints.
 
-1. Oracle: a CNN (three conv stages, heads for kind / colour / view), {recipe['oracle_steps']} AdamW steps of
-   batch {recipe['oracle_batch']}, LR {recipe['oracle_lr']} (warm-up, cosine), shift / blur / noise / brightness jitter.
+1. Oracle: a CNN (three conv stages of width {recipe.get('oracle_width', 16)}, heads for kind / colour / view),
+   {recipe['oracle_steps']} AdamW steps of batch {recipe['oracle_batch']}, LR {recipe['oracle_lr']} (warm-up, cosine),
+   shift / blur / noise / brightness jitter; {recipe.get('oracle_unlit_share', 0):.0%} of each batch shows the same
+   scenes unlit (the materials' own colours; the view is learnt from lit images only), so that it also reads the
+   albedo frames of a stage-2 asset; {recipe.get('oracle_other_images', 0)} more renders of featureless one-colour
+   round shapes (balls, ellipsoids, clumps of spheres) teach it the kind "other", so that a blob is not read as a
+   mug.
 2. VAE: {recipe['vae_steps']} AdamW steps of batch {recipe['vae_batch']}, LR {recipe['vae_lr']} (warm-up
    {recipe['warmup_steps']}, cosine to 10%), loss L1 + MSE + {recipe['vae_colour_weight']} MSE of 4x4-pixel averages +
    {recipe['vae_kl_weight']} KL; latent scaling factor
@@ -112,7 +127,7 @@ trained this model).
 
 The oracle reads, on {recipe['heldout_images']} held-out renders: kind
 {oracle_acc['kind']:.1%}, colour {oracle_acc['colour']:.1%}, view {oracle_acc['view']:.1%} (views near the
-45 / 135 deg borders are ambiguous by construction).
+45 / 135 deg borders are ambiguous by construction){_unlit_accuracy(metrics)}.
 
 Generated images ({quality['sampler'].upper()}, {quality['steps']} steps, guidance {quality['guidance']},
 seeded), as read by the oracle:

@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dd3d.files import atomic_write
-from dd3d.tiny.world import COLOUR_NAMES, KINDS, VIEWS
+from dd3d.tiny.world import COLOUR_NAMES, KINDS, OTHER, VIEWS
 
-HEADS = {"kind": KINDS, "colour": COLOUR_NAMES, "view": VIEWS}
+HEADS = {"kind": (*KINDS, OTHER), "colour": COLOUR_NAMES, "view": VIEWS}
 WEIGHTS_NAME, CONFIG_NAME = "oracle.safetensors", "oracle.json"
 
 
@@ -120,9 +120,16 @@ def augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (pixels + noise).clamp(-1, 1)
 
 
+def as_other(data: dict) -> dict:
+    """A rendered data set of BLOBS scenes (`render_dataset(..., kinds=BLOBS)`) with its kind labelled OTHER: the
+    oracle learns that a featureless shape is none of the kinds."""
+    return {**data, "kind": torch.full_like(data["kind"], len(KINDS))}
+
+
 def train_oracle(data: dict, steps: int, batch_size: int = 128, lr: float = 2e-3, seed: int = 0, width: int = 16,
-                 progress=None, device="cpu") -> Oracle:
-    """Train an oracle on a rendered data set (see `dd3d.tiny.world.render_dataset`)."""
+                 unlit_share: float = 0.0, progress=None, device="cpu") -> Oracle:
+    """Train an oracle on a rendered data set (see `dd3d.tiny.world.render_dataset`). unlit_share: the share of each
+    batch shown unlit instead (`data["unlit_images"]`, the same scenes): an asset's albedo frames show no shading."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     oracle = Oracle(resolution=data["images"].shape[-1], width=width).to(device)
@@ -135,8 +142,14 @@ def train_oracle(data: dict, steps: int, batch_size: int = 128, lr: float = 2e-3
     oracle.train()
     for _ in range(steps):
         index = torch.randint(count, (batch_size,), generator=generator)
-        logits = oracle(augment(as_pixels(data["images"][index]), generator).to(device))
-        loss = sum(F.cross_entropy(logits[name], data[name][index].to(device)) for name in HEADS)
+        images, lit = data["images"][index], torch.ones(batch_size, dtype=torch.bool)
+        if unlit_share > 0:
+            lit = torch.rand(batch_size, generator=generator) >= unlit_share
+            images = torch.where(lit[:, None, None, None], images, data["unlit_images"][index])
+        logits = oracle(augment(as_pixels(images), generator).to(device))
+        # The view is learnt from lit images only: the world's fixed key light is a cue to it that unlit ones lack.
+        rows = {name: lit.to(device) if name == "view" else slice(None) for name in HEADS}
+        loss = sum(F.cross_entropy(logits[name][rows[name]], data[name][index].to(device)[rows[name]]) for name in HEADS)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -147,13 +160,13 @@ def train_oracle(data: dict, steps: int, batch_size: int = 128, lr: float = 2e-3
 
 
 @torch.no_grad()
-def accuracy(oracle: Oracle, data: dict, batch_size: int = 256) -> dict[str, float]:
-    """Share of a rendered data set's images whose kind / colour / view the oracle gets right."""
+def accuracy(oracle: Oracle, data: dict, batch_size: int = 256, images: str = "images") -> dict[str, float]:
+    """Share of a rendered data set's images (`data[images]`) whose kind / colour / view the oracle gets right."""
     oracle.eval()
     correct = {name: 0 for name in HEADS}
     count = len(data["images"])
     for start in range(0, count, batch_size):
-        logits = oracle(as_pixels(data["images"][start : start + batch_size]).to(oracle_device(oracle)))
+        logits = oracle(as_pixels(data[images][start : start + batch_size]).to(oracle_device(oracle)))
         for name in HEADS:
             correct[name] += int((logits[name].argmax(-1).cpu() == data[name][start : start + batch_size]).sum())
     return {name: correct[name] / count for name in HEADS}

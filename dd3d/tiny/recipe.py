@@ -28,6 +28,9 @@ class Recipe:
     oracle_steps: int = 800
     oracle_batch: int = 128
     oracle_lr: float = 2e-3
+    oracle_width: int = 16
+    oracle_unlit_share: float = 0.5  # of each batch shown unlit: the oracle also reads an asset's albedo frames
+    oracle_other_images: int = 3000  # renders of featureless BLOBS, the kind OTHER (plus a tenth held out)
     # VAE
     vae_steps: int = 1000
     vae_batch: int = 32

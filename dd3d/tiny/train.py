@@ -42,7 +42,9 @@ from dd3d.tiny.model_card import hardware, rewrite_model_card, write_model_card
 from dd3d.tiny.quality import measure_quality
 from dd3d.tiny.recipe import RUN_KEYS, Recipe, keyed_generator, load_recipe
 from dd3d.tiny.reference_sets import REFERENCE_SETS, REFS_DIR, write_reference_set
-from dd3d.tiny.world import captions_for, render_dataset
+from dd3d.tiny.world import BLOBS, captions_for, render_dataset
+
+OTHER_SCALES = (0.4, 1.25)  # featureless shapes from smaller than any object to the largest
 
 
 def _save_torch(path: Path, obj) -> None:
@@ -102,25 +104,50 @@ class Trainer:
         self.train_unet(pipeline, train, latents)
         return self.export(pipeline, oracle, heldout)
 
+    def retrain_oracle(self) -> dict:
+        """Only the oracle, beside the pipeline already in model_dir (its weights kept); the quality bars re-measured
+        with the new oracle. The recorded recipe and timings are the pipeline's, with the oracle's updated."""
+        previous = json.loads((self.model_dir / "metrics.json").read_text())
+        train, heldout = self.render()
+        oracle = self.train_oracle(train, heldout)
+        pipeline = StableDiffusionPipeline.from_pretrained(str(self.model_dir))
+        return self.export(pipeline, oracle, heldout, previous)
+
     # --- 1. data -----------------------------------------------------------------------------------------------
     def render(self) -> tuple[dict, dict]:
-        sets = {}
+        """The training and held-out renders (the held-out ones with another seed), each with the same scenes unlit
+        as "unlit_images" when the oracle learns from unlit images."""
+        sets = []
         for name, count, offset in (("train", self.recipe.train_images, 1), ("heldout", self.recipe.heldout_images, 2)):
-            path = self.work / "data" / f"{name}.pt"
+            sets.append(self._rendered(name, count, offset, self.recipe.oracle_unlit_share > 0))
+        return sets[0], sets[1]
+
+    def _rendered(self, name: str, count: int, offset: int, unlit: bool, **scene_kwargs) -> dict:
+        """render_dataset(count, seed * 1000 + offset, ...) cached in the work folder, plus its scenes unlit."""
+        data = {}
+        for shading, lit in (("", True), ("-unlit", False))[: 1 + unlit]:
+            path = self.work / "data" / f"{name}{shading}.pt"
             if not path.exists():
                 self._start("render")
-                with tqdm(total=count, desc=f"render {name}", unit="img") as bar:
-                    data = render_dataset(count, self.recipe.seed * 1000 + offset, self.recipe.resolution,
-                                          progress=bar.update, device=self.device)
-                _save_torch(path, data)
+                with tqdm(total=count, desc=f"render {name}{shading}", unit="img") as bar:
+                    rendered = render_dataset(count, self.recipe.seed * 1000 + offset, self.recipe.resolution,
+                                              progress=bar.update, device=self.device, lit=lit, **scene_kwargs)
+                _save_torch(path, rendered)
                 self._tick("render")
-            sets[name] = torch.load(path)
-        return sets["train"], sets["heldout"]
+            rendered = torch.load(path)
+            data = {**rendered, **data} if lit else {**data, "unlit_images": rendered["images"]}
+        return data
 
     # --- 2. oracle ---------------------------------------------------------------------------------------------
     def train_oracle(self, train: dict, heldout: dict) -> oracle_lib.Oracle:
         folder = self.work / "oracle"
         if not (folder / oracle_lib.CONFIG_NAME).exists():
+            unlit, count = self.recipe.oracle_unlit_share > 0, self.recipe.oracle_other_images
+            if count:  # featureless shapes, the kind OTHER
+                others = [oracle_lib.as_other(self._rendered(name, n, offset, unlit, kinds=BLOBS,
+                                                             scale_range=OTHER_SCALES))
+                          for name, n, offset in (("other", count, 3), ("other-heldout", count // 10, 4))]
+                train = {key: torch.cat([train[key], others[0][key]]) for key in others[0]}
             self._start("oracle")
             with tqdm(total=self.recipe.oracle_steps, desc="oracle") as bar:
                 def progress(loss):
@@ -128,9 +155,14 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
                 oracle = oracle_lib.train_oracle(train, self.recipe.oracle_steps, self.recipe.oracle_batch,
-                                                 self.recipe.oracle_lr, self.recipe.seed, progress=progress,
+                                                 self.recipe.oracle_lr, self.recipe.seed, self.recipe.oracle_width,
+                                                 unlit_share=self.recipe.oracle_unlit_share, progress=progress,
                                                  device=self.device)
             metrics = {"heldout_accuracy": oracle_lib.accuracy(oracle, heldout), "heldout_images": len(heldout["kind"])}
+            if unlit:
+                metrics["heldout_unlit_accuracy"] = oracle_lib.accuracy(oracle, heldout, images="unlit_images")
+            if count:
+                metrics["heldout_other_accuracy"] = oracle_lib.accuracy(oracle, others[1])
             oracle.cpu().save(folder, metrics)
             self._tick("oracle")
         oracle = oracle_lib.Oracle.load(folder)
@@ -295,7 +327,17 @@ class Trainer:
         return step
 
     # --- 6. export and measure ---------------------------------------------------------------------------------
-    def export(self, pipeline: StableDiffusionPipeline, oracle: oracle_lib.Oracle, heldout: dict) -> dict:
+    def export(self, pipeline: StableDiffusionPipeline, oracle: oracle_lib.Oracle, heldout: dict,
+               previous: dict | None = None) -> dict:
+        """Save the pipeline and oracle, measure and record the quality bars. `previous`: the metrics of the model
+        whose oracle alone was retrained (its pipeline's recipe and training times are kept)."""
+        recipe, timings, notes = asdict(self.recipe), self.timings, {}
+        if previous is not None:
+            oracle_keys = {key: value for key, value in recipe.items() if key.startswith("oracle_")}
+            recipe, timings = {**previous["recipe"], **oracle_keys}, previous["timings_s"]
+            minutes = sum(self.timings.get(stage, 0.0) for stage in ("render", "oracle")) / 60
+            notes["timing_note"] = (previous.get("timing_note", "") + "\nThe oracle was retrained alone afterwards "
+                                    f"(`--retrain-oracle`: {minutes:.1f} min of rendering and training).").strip()
         self._start("evaluate")
         staging = self.model_dir.with_name(f".{self.model_dir.name}.staging{os.getpid()}")
         if staging.exists():
@@ -309,12 +351,15 @@ class Trainer:
         self._tick("evaluate")
         metrics = {
             "oracle_heldout_accuracy": oracle.metrics["heldout_accuracy"],
+            "oracle_heldout_unlit_accuracy": oracle.metrics.get("heldout_unlit_accuracy"),
+            "oracle_heldout_other_accuracy": oracle.metrics.get("heldout_other_accuracy"),
             "quality": quality,
-            "timings_s": self.timings,
+            "timings_s": timings,
             "hardware": hardware(),
-            "recipe": asdict(self.recipe),
+            "recipe": recipe,
             "parameters": {name: sum(p.numel() for p in getattr(pipeline, name).parameters())
                            for name in ("text_encoder", "unet", "vae")},
+            **notes,
         }
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         metrics["folder_mb"] = folder_size(staging) / 2**20
@@ -362,6 +407,9 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--reference-sets", action="store_true",
                         help=f"only (re)write the bundled reference sets under {REFS_DIR} and exit")
+    parser.add_argument("--retrain-oracle", action="store_true",
+                        help="only retrain the oracle beside the model already in --model-dir (its weights kept) and "
+                             "re-measure the model's quality bars with it")
     parser.add_argument("--model-card", action="store_true",
                         help="only regenerate README.md of --model-dir from its metrics.json and exit")
     add_config_arguments(parser)
@@ -381,10 +429,13 @@ def main(argv=None) -> None:
         raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.retrain_oracle and not (args.model_dir / "metrics.json").is_file():
+        raise UserError(f"--retrain-oracle needs a trained model in {args.model_dir} (its metrics.json is missing)")
     prepare_run_dir(args.out, run_flags["resume"], run_flags["overwrite"], "train_tiny_backbone", WORK_FILES)
     recipe = Recipe(**cfg)
     started = time.time()
-    metrics = Trainer(args.out, recipe, args.model_dir, args.device, log=tqdm.write).run()
+    trainer = Trainer(args.out, recipe, args.model_dir, args.device, log=tqdm.write)
+    metrics = trainer.retrain_oracle() if args.retrain_oracle else trainer.run()
     quality = metrics["quality"]
     print(
         f"done in {(time.time() - started) / 60:.1f} min: {args.model_dir} ({metrics['folder_mb']:.1f} MB); "

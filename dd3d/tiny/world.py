@@ -201,6 +201,24 @@ def _duck(p):
 SHAPES = {"house": _house, "car": _car, "chair": _chair, "mug": _mug, "lamp": _lamp, "snowman": _snowman,
           "duck": _duck}
 
+# Featureless round shapes that are none of the kinds: one body colour, no details, each within radius 0.8 of the
+# origin. (Boxes and cylinders were tried too: a mug whose handle is hidden is a cylinder, and the oracle then read
+# a sixth of the model's exact-caption mugs as "other".)
+# They are what a failed stage-2 asset looks like, and teach the oracle the kind OTHER (it never captions them).
+OTHER = "other"
+BLOBS = {
+    "ball": lambda p: [(sd_sphere(p, (0, 0, 0), 0.8), PRIMARY)],
+    "egg": lambda p: [(sd_ellipsoid(p, (0, 0, 0), (0.55, 0.55, 0.8)), PRIMARY)],
+    "lens": lambda p: [(sd_ellipsoid(p, (0, 0, 0), (0.8, 0.8, 0.45)), PRIMARY)],
+    "pod": lambda p: [(sd_ellipsoid(p, (0, 0, 0), (0.8, 0.5, 0.5)), PRIMARY)],
+    "lumps": lambda p: [(sd_sphere(p, (0.2, 0, -0.15), 0.5), PRIMARY),
+                        (sd_sphere(p, (-0.3, 0.2, 0.25), 0.35), PRIMARY)],
+    "cluster": lambda p: [(sd_sphere(p, (0, 0, -0.3), 0.45), PRIMARY), (sd_sphere(p, (0.15, 0.25, 0.2), 0.4), PRIMARY),
+                          (sd_sphere(p, (-0.3, -0.2, 0.25), 0.3), PRIMARY)],
+}
+SHAPES.update(BLOBS)
+SHAPE_NAMES = KINDS + tuple(BLOBS)  # what a scene's `kind` index points into
+
 
 # Each kind's bounding-box centre (in its modelling space) and the factor that makes its bounding radius
 # KIND_RADIUS at scale 1, measured on a grid (tests check the result lies in the unit ball at every size).
@@ -213,6 +231,7 @@ _MEASURED = {
     "snowman": ((0.025, 0.000, 0.081), 1.289),
     "duck": ((0.019, 0.000, -0.056), 1.328),
 }  # centre, factor for radius 0.8
+_MEASURED.update({blob: ((0.0, 0.0, 0.0), 1.0) for blob in BLOBS})  # built centred, within radius 0.8
 KIND_RADIUS = 0.75
 KIND_FRAMES = {kind: (centre, factor * KIND_RADIUS / 0.8) for kind, (centre, factor) in _MEASURED.items()}
 
@@ -237,7 +256,7 @@ def object_sdf(kind: str, points: torch.Tensor, scale: torch.Tensor | float = 1.
 class Scenes:
     """A batch of scenes: labels, per-scene colour and scale, and the camera of each."""
 
-    kind: torch.Tensor  # (B,) index into KINDS
+    kind: torch.Tensor  # (B,) index into SHAPE_NAMES (KINDS, then BLOBS)
     colour: torch.Tensor  # (B,) index into COLOUR_NAMES
     rgb: torch.Tensor  # (B, 3) the body colour, jittered
     scale: torch.Tensor  # (B,)
@@ -260,7 +279,7 @@ class Scenes:
 
     def labels(self, index: int) -> dict:
         return {
-            "kind": KINDS[int(self.kind[index])],
+            "kind": SHAPE_NAMES[int(self.kind[index])],
             "colour": COLOUR_NAMES[int(self.colour[index])],
             "view": self.views[index],
             "size": self.size_words[index],
@@ -296,14 +315,15 @@ def sample_scenes(
     overhead_share: float = OVERHEAD_SHARE,
     camera: dict | None = None,
 ) -> Scenes:
-    """n random scenes (uniform over the given kinds and colours, all by default), deterministic per seed.
+    """n random scenes (uniform over the given kinds -- or BLOBS -- and colours, all kinds by default), deterministic
+    per seed.
 
     Cameras come from `sample_cameras` with stage 2's defaults (or `camera`, its keyword arguments); a share
     `overhead_share` of them from the same function with elevation in OVERHEAD_ELEVATION."""
     kinds = list(kinds or KINDS)
     colours = list(colours or COLOUR_NAMES)
     generator = torch.Generator().manual_seed(seed)
-    kind = torch.tensor([KINDS.index(k) for k in kinds])[torch.randint(len(kinds), (n,), generator=generator)]
+    kind = torch.tensor([SHAPE_NAMES.index(k) for k in kinds])[torch.randint(len(kinds), (n,), generator=generator)]
     colour = torch.tensor([COLOUR_NAMES.index(c) for c in colours])[
         torch.randint(len(colours), (n,), generator=generator)
     ]
@@ -335,7 +355,7 @@ def scenes_from_labels(
     cameras = CameraBatch(camera_to_world(elevation, azimuth, distance), fovy, elevation, azimuth, distance, views)
     colour_index = torch.tensor([COLOUR_NAMES.index(c) for c in colour])
     return Scenes(
-        torch.tensor([KINDS.index(k) for k in kind]),
+        torch.tensor([SHAPE_NAMES.index(k) for k in kind]),
         colour_index,
         torch.tensor([COLOURS[c] for c in COLOUR_NAMES])[colour_index],
         column(scale),
@@ -469,7 +489,7 @@ def _render_chunk(scenes: Scenes, index: torch.Tensor, size: int, steps: int, de
     kinds = scenes.kind[index].to(device)
     for kind_index in kinds.unique().tolist():
         rays = torch.nonzero(kinds[owner] == kind_index).squeeze(1)
-        kind = KINDS[kind_index]
+        kind = SHAPE_NAMES[kind_index]
         ray_scale = scale[owner[rays]]
         hit, t = _trace(kind, origins[rays], directions[rays], ray_scale, steps, t_start[rays], t_end[rays])
         rays, t, ray_scale = rays[hit], t[hit], ray_scale[hit]
@@ -501,15 +521,15 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def render_dataset(n: int, seed: int, resolution: int = 32, progress=None, chunk: int = 64, device="cpu",
-                   **scene_kwargs) -> dict:
+                   lit: bool = True, **scene_kwargs) -> dict:
     """n rendered scenes as a dict of tensors: images uint8 (n, 3, R, R), kind, colour, view, scale and the camera
-    placement of each (elevation, azimuth, distance, fovy)."""
+    placement of each (elevation, azimuth, distance, fovy). lit=False: the same scenes unlit (see `render`)."""
     scenes = sample_scenes(n, seed, **scene_kwargs)
     images = torch.empty(n, 3, resolution, resolution, dtype=torch.uint8)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         part = _slice(scenes, start, stop)
-        images[start:stop] = to_uint8(render(part, resolution, chunk=chunk, device=device)[0])
+        images[start:stop] = to_uint8(render(part, resolution, chunk=chunk, device=device, lit=lit)[0])
         if progress is not None:
             progress(stop - start)
     return {
@@ -535,7 +555,8 @@ def _slice(scenes: Scenes, start: int, stop: int) -> Scenes:
 
 
 __all__ = [
-    "BACKGROUND", "CAPTION_TEMPLATES", "COLOURS", "COLOUR_NAMES", "KINDS", "SIZE_RANGE", "VIEWS", "Scenes",
+    "BACKGROUND", "BLOBS", "CAPTION_TEMPLATES", "COLOURS", "COLOUR_NAMES", "KINDS", "OTHER", "SHAPE_NAMES",
+    "SIZE_RANGE", "VIEWS", "Scenes",
     "caption", "captions_for", "object_sdf", "random_captions", "render", "render_dataset", "sample_scenes",
     "scenes_from_labels", "size_word", "to_uint8", "view_label",
 ]
