@@ -149,7 +149,8 @@ def train_oracle(data: dict, steps: int, batch_size: int = 128, lr: float = 2e-3
         logits = oracle(augment(as_pixels(images), generator).to(device))
         # The view is learnt from lit images only: the world's fixed key light is a cue to it that unlit ones lack.
         rows = {name: lit.to(device) if name == "view" else slice(None) for name in HEADS}
-        loss = sum(F.cross_entropy(logits[name][rows[name]], data[name][index].to(device)[rows[name]]) for name in HEADS)
+        loss = sum(F.cross_entropy(logits[name][rows[name]], data[name][index].to(device)[rows[name]])
+                   for name in HEADS)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()

@@ -331,10 +331,11 @@ class Trainer:
                previous: dict | None = None) -> dict:
         """Save the pipeline and oracle, measure and record the quality bars. `previous`: the metrics of the model
         whose oracle alone was retrained (its pipeline's recipe and training times are kept)."""
-        recipe, timings, notes = asdict(self.recipe), self.timings, {}
+        recipe, timings, machine, notes = asdict(self.recipe), self.timings, hardware(), {}
         if previous is not None:
             oracle_keys = {key: value for key, value in recipe.items() if key.startswith("oracle_")}
-            recipe, timings = {**previous["recipe"], **oracle_keys}, previous["timings_s"]
+            recipe = {**previous["recipe"], **oracle_keys}
+            timings, machine = previous["timings_s"], previous["hardware"]
             minutes = sum(self.timings.get(stage, 0.0) for stage in ("render", "oracle")) / 60
             notes["timing_note"] = (previous.get("timing_note", "") + "\nThe oracle was retrained alone afterwards "
                                     f"(`--retrain-oracle`: {minutes:.1f} min of rendering and training).").strip()
@@ -355,7 +356,7 @@ class Trainer:
             "oracle_heldout_other_accuracy": oracle.metrics.get("heldout_other_accuracy"),
             "quality": quality,
             "timings_s": timings,
-            "hardware": hardware(),
+            "hardware": machine,
             "recipe": recipe,
             "parameters": {name: sum(p.numel() for p in getattr(pipeline, name).parameters())
                            for name in ("text_encoder", "unet", "vae")},
