@@ -26,7 +26,7 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def _unlit_accuracy(metrics: dict) -> str:
+def _unlit_and_other(metrics: dict) -> str:
     unlit, other = metrics.get("oracle_heldout_unlit_accuracy"), metrics.get("oracle_heldout_other_accuracy")
     text = ""
     if unlit:
@@ -127,7 +127,7 @@ trained this model).
 
 The oracle reads, on {recipe['heldout_images']} held-out renders: kind
 {oracle_acc['kind']:.1%}, colour {oracle_acc['colour']:.1%}, view {oracle_acc['view']:.1%} (views near the
-45 / 135 deg borders are ambiguous by construction){_unlit_accuracy(metrics)}.
+45 / 135 deg borders are ambiguous by construction){_unlit_and_other(metrics)}.
 
 Generated images ({quality['sampler'].upper()}, {quality['steps']} steps, guidance {quality['guidance']},
 seeded), as read by the oracle:

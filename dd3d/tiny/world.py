@@ -202,9 +202,9 @@ SHAPES = {"house": _house, "car": _car, "chair": _chair, "mug": _mug, "lamp": _l
           "duck": _duck}
 
 # Featureless round shapes that are none of the kinds: one body colour, no details, each within radius 0.8 of the
-# origin. (Boxes and cylinders were tried too: a mug whose handle is hidden is a cylinder, and the oracle then read
-# a sixth of the model's exact-caption mugs as "other".)
-# They are what a failed stage-2 asset looks like, and teach the oracle the kind OTHER (it never captions them).
+# origin. They are what a failed stage-2 asset looks like, and teach the oracle the kind OTHER (never captioned).
+# (Boxes and cylinders were tried too: a mug whose handle is hidden is a cylinder, and the oracle then read a sixth
+# of the model's exact-caption mugs as "other".)
 OTHER = "other"
 BLOBS = {
     "ball": lambda p: [(sd_sphere(p, (0, 0, 0), 0.8), PRIMARY)],
