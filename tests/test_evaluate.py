@@ -255,21 +255,27 @@ def test_the_oracle_reads_the_true_object_on_the_evaluation_frames(kind):
     assert {"front", "side", "back"} <= set(views)
 
 
+def ball_asset(radius: float, rgb):
+    """A gen3d scene of the CPU profile whose field is a solid ball of one colour, and its config."""
+    from dd3d.cli import CONFIG_DIR, load_config
+    from dd3d.gen3d import Scene
+
+    cfg = load_config("gen3d.yaml", None, [], base=CONFIG_DIR / "gen3d_cpu.yaml")
+    scene = Scene(cfg)
+    scene.field.density = lambda p: 200.0 * (p.norm(dim=-1) < radius).float()
+    scene.field.forward = lambda p: (scene.field.density(p), torch.tensor(rgb).expand(*p.shape[:-1], 3))
+    scene.field.normals = lambda p: F.normalize(p, dim=-1)
+    return scene, cfg
+
+
 @pytest.mark.parametrize("radius", [0.3, 0.45])
 def test_a_ball_asset_is_read_as_no_kind(radius):
     """The kind bars can fail: a one-colour ball the size of an object, seen on the asset frames (albedo and lit),
     is read as "other" (an oracle that knew only the seven kinds read a blue ball as a mug on 8 of 8 albedo
     frames)."""
-    from dd3d.cli import CONFIG_DIR, load_config
-    from dd3d.gen3d import Scene
     from dd3d.tiny.oracle import Oracle
 
-    cfg = load_config("gen3d.yaml", None, [], base=CONFIG_DIR / "gen3d_cpu.yaml")
-    scene = Scene(cfg)
-    scene.field.density = lambda p: 200.0 * (p.norm(dim=-1) < radius).float()
-    scene.field.forward = lambda p: (scene.field.density(p), torch.tensor(COLOURS["blue"]).expand(*p.shape[:-1], 3))
-    scene.field.normals = lambda p: F.normalize(p, dim=-1)
-    frames, views = ev.asset_frames(scene, cfg)
+    frames, views = ev.asset_frames(*ball_asset(radius, COLOURS["blue"]))
     seen = ev.evaluate_appearance(Oracle.load(), frames, views, "mug", {"blue"})
     assert seen["albedo"]["kind"] <= 1 and seen["shaded"]["kind"] <= 1, seen
     assert seen["albedo"]["labels"]["kind"].count("other") >= 6, seen["albedo"]["labels"]
@@ -278,14 +284,7 @@ def test_a_ball_asset_is_read_as_no_kind(radius):
 def test_shaded_asset_frames_are_lit_from_the_front_of_the_world():
     """The key light stays in front of the object as the camera goes round (as in the world's renders): a white
     ball is brighter seen from the front than from the back."""
-    from dd3d.cli import CONFIG_DIR, load_config
-    from dd3d.gen3d import Scene
-
-    cfg = load_config("gen3d.yaml", None, [], base=CONFIG_DIR / "gen3d_cpu.yaml")
-    scene = Scene(cfg)
-    scene.field.density = lambda p: 200.0 * (p.norm(dim=-1) < 0.5).float()
-    scene.field.forward = lambda p: (scene.field.density(p), torch.ones_like(p))
-    scene.field.normals = lambda p: F.normalize(p, dim=-1)
+    scene, cfg = ball_asset(0.5, (1.0, 1.0, 1.0))
     lighting = scene.renderer.ambient, scene.renderer.diffuse
     frames, views = ev.asset_frames(scene, cfg)
     brightness = [np.asarray(frame, dtype=float)[24:40, 24:40].mean() for frame in frames["shaded"]]

@@ -117,26 +117,27 @@ class Trainer:
     def render(self) -> tuple[dict, dict]:
         """The training and held-out renders (the held-out ones with another seed), each with the same scenes unlit
         as "unlit_images" when the oracle learns from unlit images."""
-        sets = []
-        for name, count, offset in (("train", self.recipe.train_images, 1), ("heldout", self.recipe.heldout_images, 2)):
-            sets.append(self._rendered(name, count, offset, self.recipe.oracle_unlit_share > 0))
-        return sets[0], sets[1]
+        unlit = self.recipe.oracle_unlit_share > 0
+        train = self._rendered("train", self.recipe.train_images, 1, unlit)
+        return train, self._rendered("heldout", self.recipe.heldout_images, 2, unlit)
 
     def _rendered(self, name: str, count: int, offset: int, unlit: bool, **scene_kwargs) -> dict:
-        """render_dataset(count, seed * 1000 + offset, ...) cached in the work folder, plus its scenes unlit."""
-        data = {}
-        for shading, lit in (("", True), ("-unlit", False))[: 1 + unlit]:
-            path = self.work / "data" / f"{name}{shading}.pt"
-            if not path.exists():
-                self._start("render")
-                with tqdm(total=count, desc=f"render {name}{shading}", unit="img") as bar:
-                    rendered = render_dataset(count, self.recipe.seed * 1000 + offset, self.recipe.resolution,
-                                              progress=bar.update, device=self.device, lit=lit, **scene_kwargs)
-                _save_torch(path, rendered)
-                self._tick("render")
-            rendered = torch.load(path)
-            data = {**rendered, **data} if lit else {**data, "unlit_images": rendered["images"]}
+        """render_dataset(count, seed * 1000 + offset, ...), plus the same scenes unlit as "unlit_images"."""
+        data = self._cached_render(name, count, offset, True, scene_kwargs)
+        if unlit:
+            data["unlit_images"] = self._cached_render(f"{name}-unlit", count, offset, False, scene_kwargs)["images"]
         return data
+
+    def _cached_render(self, name: str, count: int, offset: int, lit: bool, scene_kwargs: dict) -> dict:
+        path = self.work / "data" / f"{name}.pt"
+        if not path.exists():
+            self._start("render")
+            with tqdm(total=count, desc=f"render {name}", unit="img") as bar:
+                data = render_dataset(count, self.recipe.seed * 1000 + offset, self.recipe.resolution,
+                                      progress=bar.update, device=self.device, lit=lit, **scene_kwargs)
+            _save_torch(path, data)
+            self._tick("render")
+        return torch.load(path)
 
     # --- 2. oracle ---------------------------------------------------------------------------------------------
     def train_oracle(self, train: dict, heldout: dict) -> oracle_lib.Oracle:
