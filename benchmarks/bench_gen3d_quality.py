@@ -35,7 +35,7 @@ COLOUR_OF = {"house": "red", "car": "yellow", "chair": "green", "mug": "blue", "
 
 
 def run_asset(kind: str, out: Path, overrides: list[str], from_truth: bool = False) -> tuple[Path, float, float | None]:
-    """One gen3d run of "a <colour> <kind>"; returns its folder, wall time and, from the truth, the fitted start's IoU."""
+    """One gen3d run of "a <colour> <kind>"; its folder, wall time and (from the truth) the fitted start's IoU."""
     folder = out / kind
     command = [sys.executable, str(ROOT / "scripts" / "gen3d.py"), "--prompt", f"a {COLOUR_OF[kind]} {kind}",
                "--out", str(folder), "export.formats=[]", *overrides]
@@ -67,6 +67,7 @@ def fit_to_truth(checkpoint: Path, kind: str, colour: str, steps: int = 500, bat
     fresh optimizer, save it in place; returns the fitted field's IoU with the truth."""
     import torch
 
+    from dd3d.files import atomic_write
     from dd3d.gen3d import load_scene
     from dd3d.tiny import world
 
@@ -76,11 +77,13 @@ def fit_to_truth(checkpoint: Path, kind: str, colour: str, steps: int = 500, bat
     palette = torch.stack([body, torch.tensor(world.DARK), torch.tensor(world.LIGHT), body * world.SHADED_GAIN])
     optimizer = torch.optim.Adam(scene.field.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
+    device = next(scene.parameters()).device
+    palette = palette.to(device)
     scene.train()
     for _ in range(steps):
         points = torch.rand(batch, 3, generator=generator) * 2 - 1
-        distance, material = world.object_sdf(kind, points, 1.0)
-        density, albedo = scene.field(points)
+        distance, material = (value.to(device) for value in world.object_sdf(kind, points, 1.0))
+        density, albedo = scene.field(points.to(device))
         target = 60.0 * torch.sigmoid(-distance / 0.01)
         inside = distance < 0.02
         loss = (torch.log1p(density) - torch.log1p(target)).pow(2).mean()
@@ -90,7 +93,8 @@ def fit_to_truth(checkpoint: Path, kind: str, colour: str, steps: int = 500, bat
         optimizer.step()
     scene.occupancy.refresh(scene.field.density)
     fresh = torch.optim.Adam(scene.parameters(), lr=cfg.optim.lr, eps=cfg.optim.eps, betas=tuple(cfg.optim.betas))
-    torch.save({**state, "scene": scene.state_dict(), "optimizer": fresh.state_dict()}, checkpoint)
+    fitted = {**state, "scene": scene.state_dict(), "optimizer": fresh.state_dict()}
+    atomic_write(checkpoint, lambda tmp: torch.save(fitted, tmp))
     with torch.no_grad():
         return ev.evaluate_geometry(scene.field.density, kind, float(cfg.field.radius))["iou"]
 
