@@ -51,14 +51,11 @@ def run_asset(kind: str, out: Path, overrides: list[str], from_truth: bool = Fal
 
 
 def configured_steps(overrides: list[str]) -> int:
-    """The steps a gen3d run on this machine would take with these overrides (its profile merged as gen3d does)."""
-    import torch
+    """The steps a gen3d run on this machine would take with these overrides."""
+    from dd3d.cli import load_config
+    from dd3d.gen3d import NULLABLE, machine_profile
 
-    from dd3d.cli import CONFIG_DIR, load_config
-    from dd3d.gen3d import NULLABLE
-
-    profile = None if torch.cuda.is_available() else CONFIG_DIR / "gen3d_cpu.yaml"
-    return int(load_config("gen3d.yaml", None, overrides, profile, NULLABLE).steps)
+    return int(load_config("gen3d.yaml", None, overrides, machine_profile(), NULLABLE).steps)
 
 
 def fit_to_truth(checkpoint: Path, kind: str, colour: str, steps: int = 500, batch: int = 4096) -> float:

@@ -390,6 +390,11 @@ def generate(cfg: DictConfig) -> list[Path]:
     return folders
 
 
+def machine_profile() -> Path | None:
+    """The profile merged over configs/gen3d.yaml on this machine: the CPU one when there is no CUDA device."""
+    return None if torch.cuda.is_available() else CONFIG_DIR / "gen3d_cpu.yaml"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="gen3d.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -418,8 +423,7 @@ def main(argv=None) -> None:
         "model": args.model,
         "out": args.out,
     }
-    profile = None if torch.cuda.is_available() else CONFIG_DIR / "gen3d_cpu.yaml"
-    cfg = load_config("gen3d.yaml", args.config, args.overrides, profile, NULLABLE, **flags)
+    cfg = load_config("gen3d.yaml", args.config, args.overrides, machine_profile(), NULLABLE, **flags)
     if cfg.out is None:
         name = Path(cfg.dists[0]).parent.name if cfg.dists else "-".join((cfg.prompt or "asset").split())[:40]
         cfg.out = str(Path("outputs") / f"{name}-3d")
