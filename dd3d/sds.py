@@ -12,6 +12,21 @@ from dd3d.backbone import Backbone
 from dd3d.cli import UserError
 
 
+def guided_eps(backbone: Backbone, noisy, t, cond, uncond, guidance_scale: float) -> torch.Tensor:
+    """The classifier-free-guided noise estimate at `noisy` (no grad)."""
+    both = backbone.predict(torch.cat([noisy, noisy]), torch.cat([t, t]), torch.cat([cond, uncond])).float()
+    eps_cond, eps_uncond = backbone.eps_from_prediction(both, torch.cat([noisy, noisy]), torch.cat([t, t])).chunk(2)
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def score_weight(backbone: Backbone, t: torch.Tensor, weighting: str) -> torch.Tensor:
+    if weighting == "sds":
+        return 1 - backbone.alphas_cumprod.to(t.device)[t]  # DreamFusion's w(t) = sigma_t^2
+    if weighting == "uniform":
+        return torch.ones_like(t, dtype=torch.float32)
+    raise UserError(f"guidance.weighting must be sds or uniform, not '{weighting}'")
+
+
 def sds_gradient(
     backbone: Backbone,
     latents: torch.Tensor,
@@ -24,18 +39,46 @@ def sds_gradient(
 ) -> torch.Tensor:
     """w(t) (eps_hat - eps): eps_hat is the classifier-free-guided noise estimate at noisy latents (no grad)."""
     with torch.no_grad():
-        noisy = backbone.add_noise(latents, noise, t)
-        both = backbone.predict(torch.cat([noisy, noisy]), torch.cat([t, t]), torch.cat([cond, uncond])).float()
-        eps = backbone.eps_from_prediction(both, torch.cat([noisy, noisy]), torch.cat([t, t]))
-        eps_cond, eps_uncond = eps.chunk(2)
-        eps_hat = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-    if weighting == "sds":
-        weight = 1 - backbone.alphas_cumprod.to(latents.device)[t]  # DreamFusion's w(t) = sigma_t^2
-    elif weighting == "uniform":
-        weight = torch.ones_like(t, dtype=torch.float32)
-    else:
-        raise UserError(f"guidance.weighting must be sds or uniform, not '{weighting}'")
-    return weight.view(-1, 1, 1, 1) * (eps_hat - noise)
+        eps_hat = guided_eps(backbone, backbone.add_noise(latents, noise, t), t, cond, uncond, guidance_scale)
+    return score_weight(backbone, t, weighting).view(-1, 1, 1, 1) * (eps_hat - noise)
+
+
+def ddim_move(backbone: Backbone, noisy, eps, t_from, t_to) -> torch.Tensor:
+    """One deterministic DDIM move of `noisy` at t_from to t_to along the noise estimate `eps` (up for inversion)."""
+    alpha_from = backbone.alphas_cumprod.to(noisy.device)[t_from].view(-1, 1, 1, 1)
+    alpha_to = backbone.alphas_cumprod.to(noisy.device)[t_to].view(-1, 1, 1, 1)
+    clean = (noisy - (1 - alpha_from).sqrt() * eps) / alpha_from.sqrt()
+    return alpha_to.sqrt() * clean + (1 - alpha_to).sqrt() * eps
+
+
+def interval_score_gradient(
+    backbone: Backbone,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    t: torch.Tensor,
+    guidance_scale: float,
+    weighting: str = "sds",
+    interval: int = 50,
+    inversion_stride: int = 200,
+) -> torch.Tensor:
+    """Interval score matching (LucidDreamer, Liang et al. 2023): w(t) (eps_hat(x_t, t) - eps(x_s, s)), s = t -
+    interval, where x_s is the latents inverted by deterministic DDIM with the unconditional estimate (strides of
+    at most inversion_stride) and x_t one more such move from x_s. The random noise of SDS is replaced by the noise
+    the model itself reads into the render, so the target is a sharp image, not the blurred mean of its noisy
+    versions."""
+    with torch.no_grad():
+        s = (t - interval).clamp(min=0)
+        moves = max(1, -(-int(s.max()) // inversion_stride))
+        noisy, at = latents, torch.zeros_like(s)
+        for k in range(1, moves + 1):
+            to = torch.div(s * k, moves, rounding_mode="floor")
+            eps = backbone.eps_from_prediction(backbone.predict(noisy, at, uncond), noisy, at).float()
+            noisy, at = ddim_move(backbone, noisy, eps, at, to), to
+        eps_s = backbone.eps_from_prediction(backbone.predict(noisy, s, uncond), noisy, s).float()
+        noisy_t = ddim_move(backbone, noisy, eps_s, s, t)
+        eps_hat = guided_eps(backbone, noisy_t, t, cond, uncond, guidance_scale)
+    return score_weight(backbone, t, weighting).view(-1, 1, 1, 1) * (eps_hat - eps_s)
 
 
 def sds_loss(latents: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
@@ -70,12 +113,17 @@ class ScoreDistillation:
         anneal_steps: int = 0,
         weighting: str = "sds",
         grad_clip: float | None = None,
+        score: str = "sds",
+        interval: int = 50,
+        inversion_stride: int = 200,
         recon_weight: float = 0.0,
         recon_weight_end: float | None = None,
         recon_chroma_weight: float = 0.0,
         recon_chroma_weight_end: float | None = None,
     ):
         check_timestep_range(min_step_percent, max_step_percent, max_step_percent_end)
+        if score not in ("sds", "interval"):
+            raise UserError(f"guidance.score must be sds or interval, not '{score}'")
         self.backbone = backbone
         self.guidance_scale = guidance_scale
         self.min_step_percent, self.max_step_percent = min_step_percent, max_step_percent
@@ -83,6 +131,7 @@ class ScoreDistillation:
         self.anneal_steps = anneal_steps
         self.weighting = weighting
         self.grad_clip = grad_clip
+        self.score, self.interval, self.inversion_stride = score, interval, inversion_stride
         self.recon_weight, self.recon_weight_end = recon_weight, recon_weight_end
         self.recon_chroma_weight, self.recon_chroma_weight_end = recon_chroma_weight, recon_chroma_weight_end
 
@@ -149,8 +198,14 @@ class ScoreDistillation:
         low, high = self.step_range(iteration)
         batch = latents.shape[0]
         t = torch.randint(low, high + 1, (batch,), generator=generator).to(latents.device)
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        gradient = sds_gradient(self.backbone, latents, cond, uncond, t, noise, self.guidance_scale, self.weighting)
+        if self.score == "interval":
+            gradient = interval_score_gradient(
+                self.backbone, latents, cond, uncond, t, self.guidance_scale, self.weighting, self.interval,
+                self.inversion_stride,
+            )
+        else:
+            noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+            gradient = sds_gradient(self.backbone, latents, cond, uncond, t, noise, self.guidance_scale, self.weighting)
         gradient = torch.nan_to_num(gradient)
         if self.grad_clip is not None:
             gradient = gradient.clamp(-self.grad_clip, self.grad_clip)

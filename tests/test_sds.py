@@ -3,7 +3,7 @@ import torch
 
 from dd3d.backbone import Backbone
 from dd3d.cli import UserError
-from dd3d.sds import ScoreDistillation, sds_gradient, sds_loss
+from dd3d.sds import ScoreDistillation, interval_score_gradient, sds_gradient, sds_loss
 
 
 @pytest.mark.parametrize("fixture", ["backbone", "backbone_v"])
@@ -35,6 +35,21 @@ def test_zero_when_guided_prediction_equals_the_noise(backbone, monkeypatch):
     assert gradient.abs().max() == 0
 
 
+def test_interval_score_leaves_only_the_guidance_where_the_model_explains_the_render(backbone, monkeypatch):
+    """A model whose unconditional estimate is the same noise everywhere explains the render exactly: the DDIM
+    inversion recovers that noise at both ends of the interval, so only the text's guidance is left -- with no
+    random noise in it (SDS's residual eps_hat - eps would be mostly the sampled noise)."""
+    generator = torch.Generator().manual_seed(3)
+    latents, fixed, text = (torch.randn(1, 4, 8, 8, generator=generator) for _ in range(3))
+    cond, uncond = torch.ones(3, 77, 32), torch.zeros(3, 77, 32)
+    monkeypatch.setattr(backbone, "predict", lambda noisy, t, emb: fixed + text * emb[:, :1, :1, None])
+    t = torch.tensor([30, 420, 900])  # below the interval, and needing one and several inversion moves
+    gradient = interval_score_gradient(backbone, latents.expand(3, -1, -1, -1), cond, uncond, t, guidance_scale=7.5,
+                                       interval=50, inversion_stride=200)
+    weight = (1 - backbone.alphas_cumprod[t]).view(-1, 1, 1, 1)
+    assert torch.allclose(gradient, weight * 7.5 * text, atol=1e-4)
+
+
 def test_v_prediction_is_converted_before_guidance(backbone_v, monkeypatch):
     """A v-model that predicts the true velocity yields zero SDS gradient: eps is recovered from v first."""
     latents, noise, t = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.tensor([300])
@@ -44,8 +59,10 @@ def test_v_prediction_is_converted_before_guidance(backbone_v, monkeypatch):
     assert gradient.abs().max() < 1e-4
 
 
-def test_guidance_on_renders_reaches_the_image_and_anneals(backbone):
-    guidance = ScoreDistillation(backbone, max_step_percent=0.98, max_step_percent_end=0.5, anneal_steps=100)
+@pytest.mark.parametrize("score", ["sds", "interval"])
+def test_guidance_on_renders_reaches_the_image_and_anneals(backbone, score):
+    guidance = ScoreDistillation(backbone, max_step_percent=0.98, max_step_percent_end=0.5, anneal_steps=100,
+                                 score=score)
     assert guidance.step_range(0) == (20, 980) and guidance.step_range(100) == (20, 500)
     rgb = torch.rand(2, 12, 12, 3, requires_grad=True)
     loss, info = guidance(rgb, torch.randn(2, 77, 32), torch.randn(2, 77, 32), 0, torch.Generator().manual_seed(0))
