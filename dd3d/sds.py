@@ -1,4 +1,5 @@
-"""Score distillation sampling (DreamFusion): the frozen diffusion model's guidance as a gradient on images.
+"""Score distillation sampling (DreamFusion), or interval score matching (LucidDreamer): the frozen diffusion
+model's guidance as a gradient on images.
 
 Correct for epsilon and v-prediction models: the UNet output is converted to a noise estimate first.
 """
@@ -20,6 +21,7 @@ def guided_eps(backbone: Backbone, noisy, t, cond, uncond, guidance_scale: float
 
 
 def score_weight(backbone: Backbone, t: torch.Tensor, weighting: str) -> torch.Tensor:
+    """w(t) of each timestep in `t`."""
     if weighting == "sds":
         return 1 - backbone.alphas_cumprod.to(t.device)[t]  # DreamFusion's w(t) = sigma_t^2
     if weighting == "uniform":
