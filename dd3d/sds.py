@@ -71,7 +71,7 @@ def interval_score_gradient(
     versions."""
     with torch.no_grad():
         s = (t - interval).clamp(min=0)
-        moves = max(1, -(-int(s.max()) // inversion_stride))
+        moves = -(-int(s.max()) // inversion_stride)  # none when every t is within the interval of 0
         noisy, at = latents, torch.zeros_like(s)
         for k in range(1, moves + 1):
             to = torch.div(s * k, moves, rounding_mode="floor")

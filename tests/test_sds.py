@@ -48,6 +48,8 @@ def test_interval_score_leaves_only_the_guidance_where_the_model_explains_the_re
                                        interval=50, inversion_stride=200)
     weight = (1 - backbone.alphas_cumprod[t]).view(-1, 1, 1, 1)
     assert torch.allclose(gradient, weight * 7.5 * text, atol=1e-4)
+    within = interval_score_gradient(backbone, latents, cond[:1], uncond[:1], t[:1], 7.5)  # no inversion move at all
+    assert torch.allclose(within, gradient[:1], atol=1e-5)
 
 
 def test_v_prediction_is_converted_before_guidance(backbone_v, monkeypatch):
