@@ -1,5 +1,6 @@
-"""Stage-2 iteration time split into render, VAE encode, UNet (CFG), the reconstruction pull's decode (when the
-profile uses it), backward and optimiser step.
+"""Stage-2 iteration time split into render, VAE encode, UNet (CFG; with the profile's score: SDS, or interval score
+matching with its DDIM inversion), the reconstruction pull's decode (when the profile uses it), backward and optimiser
+step.
 
 CPU: the embedded default model with configs/gen3d_cpu.yaml. GPU: a Stable-Diffusion-2.1-base-shaped model with
 random weights in fp16 (UNet, VAE) and the fp32 render at 64x64 with configs/gen3d.yaml. Also prints the UNet-only floor
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dd3d.backbone import Backbone  # noqa: E402
 from dd3d.cli import CONFIG_DIR, load_config  # noqa: E402
 from dd3d.gen3d import Scene, sample_training_cameras  # noqa: E402
-from dd3d.sds import ScoreDistillation, sds_gradient, sds_loss  # noqa: E402
+from dd3d.sds import ScoreDistillation, interval_score_gradient, sds_gradient, sds_loss  # noqa: E402
 
 
 class Timer:
@@ -61,9 +62,13 @@ def run(backbone: Backbone, cfg, iterations: int) -> dict:
         with timer("vae encode"):
             pixels, latents = guidance.encode(rgb)
         t = torch.randint(20, 980, (1,), device=device)
-        noise = torch.randn_like(latents)
-        with timer("unet (cfg)"):
-            gradient = sds_gradient(backbone, latents, cond, uncond, t, noise, 100.0)
+        with timer(f"unet ({cfg.guidance.score})"):
+            if cfg.guidance.score == "interval":  # the DDIM inversion's extra UNet calls
+                gradient = interval_score_gradient(backbone, latents, cond, uncond, t, 100.0,
+                                                   interval=cfg.guidance.interval,
+                                                   inversion_stride=cfg.guidance.inversion_stride)
+            else:
+                gradient = sds_gradient(backbone, latents, cond, uncond, t, torch.randn_like(latents), 100.0)
         loss = sds_loss(latents, gradient)
         if guidance.recon_weight > 0:
             with timer("recon decode"):
