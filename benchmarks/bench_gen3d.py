@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dd3d.backbone import Backbone  # noqa: E402
 from dd3d.cli import CONFIG_DIR, load_config  # noqa: E402
 from dd3d.gen3d import Scene, sample_training_cameras  # noqa: E402
-from dd3d.sds import ScoreDistillation, interval_score_gradient, sds_gradient, sds_loss  # noqa: E402
+from dd3d.sds import ScoreDistillation, sds_gradient, sds_loss  # noqa: E402
 
 
 class Timer:
@@ -47,7 +47,8 @@ def run(backbone: Backbone, cfg, iterations: int) -> dict:
     device = backbone.device
     scene = Scene(cfg).to(device)
     optimizer = torch.optim.Adam(scene.parameters(), lr=1e-2, eps=1e-15)
-    guidance = ScoreDistillation(backbone, recon_weight=cfg.guidance.recon_weight)
+    guidance = ScoreDistillation(backbone, recon_weight=cfg.guidance.recon_weight, score=cfg.guidance.score,
+                                 interval=cfg.guidance.interval, inversion_stride=cfg.guidance.inversion_stride)
     d = backbone.text_encoder.config.hidden_size
     cond, uncond = torch.randn(1, 77, d, device=device), torch.randn(1, 77, d, device=device)
     timer = Timer(device)
@@ -63,12 +64,7 @@ def run(backbone: Backbone, cfg, iterations: int) -> dict:
             pixels, latents = guidance.encode(rgb)
         t = torch.randint(20, 980, (1,), device=device)
         with timer(f"unet ({cfg.guidance.score})"):
-            if cfg.guidance.score == "interval":  # the DDIM inversion's extra UNet calls
-                gradient = interval_score_gradient(backbone, latents, cond, uncond, t, 100.0,
-                                                   interval=cfg.guidance.interval,
-                                                   inversion_stride=cfg.guidance.inversion_stride)
-            else:
-                gradient = sds_gradient(backbone, latents, cond, uncond, t, torch.randn_like(latents), 100.0)
+            gradient = guidance.score_gradient(latents, cond, uncond, t, generator)
         loss = sds_loss(latents, gradient)
         if guidance.recon_weight > 0:
             with timer("recon decode"):

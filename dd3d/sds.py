@@ -185,6 +185,18 @@ class ScoreDistillation:
         total = weight * residual.square().sum() + chroma_weight * chroma.square().sum()
         return 0.125 * total / pixels.shape[0]
 
+    def score_gradient(self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, t: torch.Tensor,
+                       generator: torch.Generator) -> torch.Tensor:
+        """The configured score's gradient on the latents at timesteps t: SDS (noise drawn from `generator`) or
+        interval score matching (deterministic)."""
+        if self.score == "interval":
+            return interval_score_gradient(
+                self.backbone, latents, cond, uncond, t, self.guidance_scale, self.weighting, self.interval,
+                self.inversion_stride,
+            )
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        return sds_gradient(self.backbone, latents, cond, uncond, t, noise, self.guidance_scale, self.weighting)
+
     def __call__(
         self,
         rgb: torch.Tensor,
@@ -200,15 +212,7 @@ class ScoreDistillation:
         low, high = self.step_range(iteration)
         batch = latents.shape[0]
         t = torch.randint(low, high + 1, (batch,), generator=generator).to(latents.device)
-        if self.score == "interval":
-            gradient = interval_score_gradient(
-                self.backbone, latents, cond, uncond, t, self.guidance_scale, self.weighting, self.interval,
-                self.inversion_stride,
-            )
-        else:
-            noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-            gradient = sds_gradient(self.backbone, latents, cond, uncond, t, noise, self.guidance_scale, self.weighting)
-        gradient = torch.nan_to_num(gradient)
+        gradient = torch.nan_to_num(self.score_gradient(latents, cond, uncond, t, generator))
         if self.grad_clip is not None:
             gradient = gradient.clamp(-self.grad_clip, self.grad_clip)
         loss = sds_loss(latents, gradient)
