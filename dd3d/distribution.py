@@ -145,6 +145,17 @@ class Mixture:
                                len(order) - 1)])
         return float(weights[:chosen].sum() + 0.5 * weights[chosen])  # the middle of that component's interval
 
+    def neighbour_uniforms(self, uniform: float, neighbours: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The component that `uniform` picks and its `neighbours` - 1 nearest (Euclidean distance between means)
+        among those with weight: the uniforms that pick each (the middle of its interval) and their weights."""
+        edges = self.weights.cumsum(0)
+        chosen = min(int(torch.searchsorted(edges, torch.tensor(uniform, dtype=edges.dtype), right=True)),
+                     len(self.components) - 1)
+        means = torch.stack([g.mean.flatten() for g in self.components]).double()
+        distance = (means - means[chosen]).norm(dim=1).masked_fill(self.weights <= 0, float("inf"))
+        nearest = distance.topk(min(neighbours, int((self.weights > 0).sum())), largest=False).indices
+        return (edges - 0.5 * self.weights)[nearest], self.weights[nearest]
+
     def apply(self, eps: torch.Tensor, uniforms: torch.Tensor):
         """Map eps (n, 77, d) and uniforms in [0, 1) (n,) to draws; returns (draws, component index)."""
         edges = self.weights.cumsum(0)

@@ -58,6 +58,7 @@ CONFIG_RANGES = {
     "num_samples": (">=", 1),
     "prompt_draw": ("in", ("auto", "per_iteration", "per_asset")),
     "prompt_jitter": (">=", 0),
+    "asset_neighbours": (">=", 1),
     "camera.batch_size": (">=", 1),
     "camera.width": (">=", 1),
     "camera.height": (">=", 1),
@@ -187,13 +188,19 @@ class PromptNoise:
         if mode == "per_asset" and cfg.asset_spread and isinstance(mixture, Mixture):
             offset = torch.rand((), generator=torch.Generator().manual_seed(derived_seed(cfg.seed, 0, SPREAD_STREAM)))
             self.asset_uniform = torch.tensor(mixture.spread_uniform((asset + float(offset)) / cfg.num_samples))
+        self.neighbours = None
+        if mode == "per_asset" and cfg.asset_neighbours > 1 and isinstance(mixture, Mixture):
+            self.neighbours = mixture.neighbour_uniforms(float(self.asset_uniform), cfg.asset_neighbours)
 
     def draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         fresh = torch.randn((n, *self.shape), generator=generator)
         if self.mode == "per_iteration":
             return fresh, torch.rand(n, generator=generator)
         eps = (self.asset_eps + self.jitter * fresh) / math.sqrt(1 + self.jitter**2)  # still standard normal
-        return eps, self.asset_uniform.expand(n)
+        if self.neighbours is None:
+            return eps, self.asset_uniform.expand(n)
+        uniforms, weights = self.neighbours
+        return eps, uniforms[torch.multinomial(weights, n, replacement=True, generator=generator)]
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

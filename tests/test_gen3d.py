@@ -52,7 +52,7 @@ def gaussian_prompts() -> ViewPrompts:
 
 def test_per_iteration_draws_differ_per_asset_draws_stay_close():
     cfg = OmegaConf.create({"prompt_draw": "auto", "num_samples": 1, "prompt_jitter": 0.3, "seed": 0,
-                            "asset_spread": True})
+                            "asset_spread": True, "asset_neighbours": 1})
     per_iteration = PromptNoise(cfg, 0, gaussian_prompts())
     a, _ = per_iteration.draw(1, torch.Generator().manual_seed(1))
     b, _ = per_iteration.draw(1, torch.Generator().manual_seed(2))
@@ -74,10 +74,26 @@ def test_assets_spread_over_the_mixture_cover_both_of_its_modes(seed):
                       torch.full((4,), 0.25))
     prompts = ViewPrompts(dict.fromkeys(VIEWS, mixture), torch.zeros(1, 77, 8))
     cfg = OmegaConf.create({"prompt_draw": "auto", "num_samples": 2, "prompt_jitter": 0.3, "seed": seed,
-                            "asset_spread": True})
+                            "asset_spread": True, "asset_neighbours": 1})
     chosen = [mixture.apply(torch.zeros(1, 77, 8), PromptNoise(cfg, asset, prompts).asset_uniform[None])[1].item()
               for asset in (0, 1)]
     assert {index % 2 for index in chosen} == {0, 1}
+
+
+def test_an_asset_drawing_from_its_neighbourhood_stays_in_its_mode():
+    """Six prompts in two modes that alternate by index: with 3 neighbours an asset's steps use three prompts,
+    all of its own mode (index neighbours would mix the modes)."""
+    modes = torch.stack([torch.full((77, 8), -1.0), torch.full((77, 8), 1.0)])
+    mixture = Mixture([Gaussian(modes[i % 2] + 0.01 * i, torch.full((77, 8), 0.1)) for i in range(6)],
+                      torch.full((6,), 1 / 6))
+    prompts = ViewPrompts(dict.fromkeys(VIEWS, mixture), torch.zeros(1, 77, 8))
+    cfg = OmegaConf.create({"prompt_draw": "per_asset", "num_samples": 2, "prompt_jitter": 0.3, "seed": 0,
+                            "asset_spread": True, "asset_neighbours": 3})
+    for asset in (0, 1):
+        noise = PromptNoise(cfg, asset, prompts)
+        _, uniforms = noise.draw(64, torch.Generator().manual_seed(asset))
+        used = set(mixture.apply(torch.zeros(64, 77, 8), uniforms)[1].tolist())
+        assert len(used) == 3 and len({index % 2 for index in used}) == 1
 
 
 def test_cli_runs_resumes_exactly_and_exports(tiny_model, dist_file, tmp_path, capsys):
