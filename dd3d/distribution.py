@@ -67,14 +67,20 @@ def blend(components: list[Gaussian], weights: torch.Tensor) -> Gaussian:
     return Gaussian(mean, variance.sqrt())
 
 
+def nearest_weighted(points: torch.Tensor, weights: torch.Tensor, neighbours: int) -> torch.Tensor:
+    """For each of the K points (K, ...), the indices (K, n) of its `neighbours` nearest (Euclidean) among those with
+    positive weight, itself included when it has one."""
+    flat = points.flatten(1).double()
+    distance = torch.cdist(flat, flat).masked_fill(weights[None, :] <= 0, float("inf"))
+    return distance.topk(min(neighbours, int((weights > 0).sum())), dim=1, largest=False).indices
+
+
 def local_means(hidden: torch.Tensor, weights: torch.Tensor, neighbours: int) -> torch.Tensor:
     """For each of the K encodings (K, 77, d), the weighted mean of its `neighbours` nearest (Euclidean) among those
     with positive weight, itself included when it has one; (K, 77, d)."""
-    flat = hidden.flatten(1).double()
-    distance = torch.cdist(flat, flat).masked_fill(weights[None, :] <= 0, float("inf"))
-    nearest = distance.topk(min(neighbours, int((weights > 0).sum())), dim=1, largest=False).indices
-    local = torch.zeros_like(distance).scatter_(1, nearest, 1.0) * weights[None, :].double()
-    return ((local / local.sum(1, keepdim=True)) @ flat).to(hidden.dtype).view_as(hidden)
+    nearest = nearest_weighted(hidden, weights, neighbours)
+    local = torch.zeros(len(hidden), len(hidden), dtype=torch.double).scatter_(1, nearest, 1.0) * weights.double()
+    return ((local / local.sum(1, keepdim=True)) @ hidden.flatten(1).double()).to(hidden.dtype).view_as(hidden)
 
 
 @dataclass
@@ -148,18 +154,19 @@ class Mixture:
     def neighbour_uniforms(self, uniform: float, neighbours: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The component that `uniform` picks and its `neighbours` - 1 nearest (Euclidean distance between means)
         among those with weight: the uniforms that pick each (the middle of its interval) and their weights."""
+        chosen = int(self.component_index(torch.tensor([uniform]))[0])
+        means = torch.stack([g.mean for g in self.components])
+        nearest = nearest_weighted(means, self.weights, neighbours)[chosen]
+        return (self.weights.cumsum(0) - 0.5 * self.weights)[nearest], self.weights[nearest]
+
+    def component_index(self, uniforms: torch.Tensor) -> torch.Tensor:
+        """The component each uniform in [0, 1) picks (n,)."""
         edges = self.weights.cumsum(0)
-        chosen = min(int(torch.searchsorted(edges, torch.tensor(uniform, dtype=edges.dtype), right=True)),
-                     len(self.components) - 1)
-        means = torch.stack([g.mean.flatten() for g in self.components]).double()
-        distance = (means - means[chosen]).norm(dim=1).masked_fill(self.weights <= 0, float("inf"))
-        nearest = distance.topk(min(neighbours, int((self.weights > 0).sum())), largest=False).indices
-        return (edges - 0.5 * self.weights)[nearest], self.weights[nearest]
+        return torch.searchsorted(edges, uniforms.to(edges.dtype), right=True).clamp(max=len(self.components) - 1)
 
     def apply(self, eps: torch.Tensor, uniforms: torch.Tensor):
         """Map eps (n, 77, d) and uniforms in [0, 1) (n,) to draws; returns (draws, component index)."""
-        edges = self.weights.cumsum(0)
-        index = torch.searchsorted(edges, uniforms.to(edges.dtype), right=True).clamp(max=len(self.components) - 1)
+        index = self.component_index(uniforms)
         means = torch.stack([g.mean for g in self.components])[index]
         stds = torch.stack([g.std for g in self.components])[index]
         return means + eps.to(means.device, means.dtype) * stds, index
