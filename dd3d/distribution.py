@@ -15,8 +15,10 @@ from dd3d.files import atomic_write
 from dd3d.prompts import SoftPromptEncoder
 
 FILE_KIND = "dd3d-prompt-distribution"
-FORMAT_VERSION = 2  # 2 added the optional per-prompt `weights` and the `sampler` metadata; 1 is still read
+FORMAT_VERSION = 3  # 2 added the optional per-prompt `weights` and the `sampler` metadata, 3 the optional per-prompt
+                    # `views`; 1 and 2 are still read
 SAMPLERS = ("gaussian", "prompts")
+VIEWS = ("front", "side", "back", "overhead")  # the view words of stage 2's template (and of `views`)
 
 
 @dataclass
@@ -184,6 +186,7 @@ class PromptDistribution:
     reference_positions: bool = False  # imported from the reference code: fixed tokens positioned twice
     weights: torch.Tensor | None = None  # (K,) each prompt's share of the references (all objectives but gaussian)
     sampler: str = "gaussian"  # the sampler `sampler=auto` picks for this distribution
+    views: tuple[str, ...] | None = None  # (K,) the view word each prompt was learned with (train.view_words)
 
     @property
     def num_prompts(self) -> int:
@@ -207,6 +210,8 @@ class PromptDistribution:
             "reference_positions": str(self.reference_positions).lower(),
             "sampler": self.sampler,
         }
+        if self.views is not None:
+            metadata["views"] = ",".join(self.views)
         tensors = {"ctx": self.ctx.detach().to("cpu", torch.float32).contiguous()}
         if self.weights is not None:
             tensors["weights"] = self.weights.detach().to("cpu", torch.float32).contiguous()
@@ -237,6 +242,7 @@ class PromptDistribution:
             reference_positions=metadata.get("reference_positions") == "true",
             weights=tensors.get("weights"),
             sampler=metadata.get("sampler", "gaussian"),
+            views=tuple(metadata["views"].split(",")) if metadata.get("views") else None,
         )
 
     def check_backbone(self, backbone) -> None:
@@ -259,17 +265,34 @@ class PromptDistribution:
             self.suffix if suffix is None else suffix,
         )
 
+    def encode(self, backbone, prefix: str | None = None, suffix: str | None = None,
+               view: str | None = None) -> torch.Tensor:
+        """The K prompts' encoder outputs (K, 77, d) under the template, its suffix extended by ", <view> view" when
+        a view is given. Prompts learned with view words keep their own when neither the view nor the suffix names
+        one."""
+        suffix = self.suffix if suffix is None else suffix
+        if view is not None or self.views is None or any(f"{word} view" in suffix.lower() for word in VIEWS):
+            return self.encoder(backbone, prefix, view_suffix(suffix, view))(self.ctx, self.reference_positions)[0]
+        hidden = None
+        for word in sorted(set(self.views)):
+            rows = torch.tensor([k for k, own in enumerate(self.views) if own == word])
+            part = self.encoder(backbone, prefix, view_suffix(suffix, word))(self.ctx[rows], self.reference_positions)[0]
+            hidden = part.new_zeros((self.num_prompts, *part.shape[1:])) if hidden is None else hidden
+            hidden[rows] = part
+        return hidden
+
     @torch.no_grad()
     def fit(self, backbone, prefix: str | None = None, suffix: str | None = None, sampler: str = "gaussian",
-            bandwidth: float = 0.5, shrink: float = 0.0, neighbours: int = 0) -> Gaussian | Mixture:
-        """Encode the K contexts under a template and fit the sampler to their encoder outputs: the paper's one
-        diagonal Gaussian (`gaussian`), a mixture with one component per prompt weighted by the prompts' shares
-        (`prompts`, see Mixture.of_prompts for bandwidth, shrink and neighbours), or the one the distribution was
-        learned for (`auto`)."""
+            bandwidth: float = 0.5, shrink: float = 0.0, neighbours: int = 0, view: str | None = None
+            ) -> Gaussian | Mixture:
+        """Encode the K contexts under a template (see `encode`) and fit the sampler to their encoder outputs: the
+        paper's one diagonal Gaussian (`gaussian`), a mixture with one component per prompt weighted by the prompts'
+        shares (`prompts`, see Mixture.of_prompts for bandwidth, shrink and neighbours), or the one the distribution
+        was learned for (`auto`)."""
         sampler = self.sampler if sampler == "auto" else sampler
         if sampler not in SAMPLERS:
             raise UserError(f"sampler must be auto, {' or '.join(SAMPLERS)}, not '{sampler}'")
-        hidden, _ = self.encoder(backbone, prefix, suffix)(self.ctx, self.reference_positions)
+        hidden = self.encode(backbone, prefix, suffix, view)
         if sampler == "prompts":
             return Mixture.of_prompts(hidden.float(), bandwidth, self.weights, shrink, neighbours)
         return Gaussian.from_hidden(hidden.float())
@@ -355,11 +378,10 @@ def build_sampler(cfg: DictConfig, backbone, view: str | None = None) -> Gaussia
     fitted = []
     for path, scale in zip(cfg.dists, scales):
         dist = load_distribution(path, backbone, cfg.class_index)
-        suffix = view_suffix(dist.suffix if cfg.suffix is None else cfg.suffix, view)
         kind, bandwidth, shrink, neighbours = (
             cfg.get(key, default) for key, default in (("sampler", "auto"), ("sampler_bandwidth", 0.5),
                                                        ("sampler_shrink", 0.0), ("sampler_shrink_neighbours", 0)))
-        sampler = dist.fit(backbone, cfg.prefix, suffix, kind, bandwidth, shrink, neighbours)
+        sampler = dist.fit(backbone, cfg.prefix, cfg.suffix, kind, bandwidth, shrink, neighbours, view)
         fitted.append(sampler.scaled(scale))
     if count == 1:
         return fitted[0]

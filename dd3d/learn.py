@@ -29,7 +29,7 @@ from dd3d.cli import (
     prepare_run_dir,
 )
 from dd3d.data import load_reference_images, training_views
-from dd3d.distribution import Gaussian, Mixture, PromptDistribution
+from dd3d.distribution import VIEWS, Gaussian, Mixture, PromptDistribution, view_suffix
 from dd3d.files import Checkpoints, atomic_write, image_grid
 from dd3d.progress import tqdm
 from dd3d.prompts import SoftPromptEncoder
@@ -77,9 +77,10 @@ class PromptLearner(torch.nn.Module):
     every reference what they have in common, the offsets what sets each prompt's references apart."""
 
     def __init__(self, encoder: SoftPromptEncoder, num_prompts: int, init_std: float, seed: int,
-                 shared_base: bool = False):
+                 shared_base: bool = False, view_encoders: list[SoftPromptEncoder] | None = None):
         super().__init__()
         self.encoder = encoder  # not a Module: its frozen text encoder stays outside this module's parameters
+        self.view_encoders = view_encoders  # train.view_words: the template with each of VIEWS appended
         width = encoder.text_encoder.config.hidden_size
         generator = torch.Generator().manual_seed(seed)
         self.ctx = torch.nn.Parameter(torch.randn(num_prompts, encoder.n_ctx, width, generator=generator) * init_std)
@@ -93,6 +94,12 @@ class PromptLearner(torch.nn.Module):
     def forward(self):
         """Encoder outputs (K, 77, d) and EOS features (K, d) of the K prompts."""
         return self.encoder(self.contexts)
+
+    def with_view_words(self, picks: torch.Tensor) -> torch.Tensor:
+        """The picked prompts (B, M) encoded with view words, draw m with VIEWS[m mod 4]: (B, M, 77, d)."""
+        contexts, encoders = self.contexts, self.view_encoders
+        return torch.stack([encoders[m % len(encoders)](contexts[picks[:, m]])[0] for m in range(picks.shape[1])],
+                           dim=1)
 
 
 def min_snr_weights(backbone: Backbone, t: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -109,15 +116,17 @@ def min_snr_weights(backbone: Backbone, t: torch.Tensor, gamma: float) -> torch.
 
 
 def prompt_draws(hidden: torch.Tensor, prompt_eps: torch.Tensor, picks: torch.Tensor | None = None,
-                 bandwidth: float = 0.5) -> torch.Tensor:
+                 bandwidth: float = 0.5, picked: torch.Tensor | None = None) -> torch.Tensor:
     """The (B * M, 77, d) prompt embeddings of one step. The paper's: `mean + eps * std` of the Gaussian over the K
     prompts' encoder outputs hidden (K, 77, d). With picks (B, M), prompt indices: the picked prompts' own encodings
-    plus `bandwidth * eps * std` (the draws of the prompt-mixture sampler)."""
+    (or `picked` (B, M, 77, d), their encodings under another template) plus `bandwidth * eps * std` (the draws of
+    the prompt-mixture sampler)."""
     gaussian = Gaussian.from_hidden(hidden)
     eps = prompt_eps.to(hidden)
     if picks is None:
         return (gaussian.mean + eps * gaussian.std).flatten(0, 1)
-    return (hidden[picks.to(hidden.device)] + bandwidth * eps * gaussian.std).flatten(0, 1)
+    centres = hidden[picks.to(hidden.device)] if picked is None else picked
+    return (centres + bandwidth * eps * gaussian.std).flatten(0, 1)
 
 
 def denoising_loss(
@@ -131,6 +140,7 @@ def denoising_loss(
     picks: torch.Tensor | None = None,
     bandwidth: float = 0.5,
     relax: float = 0.1,
+    picked: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean denoising loss of M prompt draws per latent.
 
@@ -138,10 +148,10 @@ def denoising_loss(
     M draws of each latent; prompt_eps (B, M, 77, d) are the standard-normal draws (see `prompt_draws`). The
     paper's objective averages the M losses. With picks (the `specialise` objective), each latent counts mostly its
     best-fitting draw -- (1 - relax) * min + relax * mean over M (relaxed winner-takes-all) -- so prompts specialise
-    on the references they fit instead of all fitting their average.
+    on the references they fit instead of all fitting their average. `picked`: see `prompt_draws`.
     """
     draws = prompt_eps.shape[1]
-    embeddings = prompt_draws(hidden, prompt_eps, picks, bandwidth)
+    embeddings = prompt_draws(hidden, prompt_eps, picks, bandwidth, picked)
     latents, noise, t = (x.repeat_interleave(draws, dim=0) for x in (latents, noise, t))
     noisy = backbone.add_noise(latents, noise, t)
     prediction = backbone.predict(noisy, t, embeddings).float()
@@ -178,6 +188,34 @@ def prompt_shares(backbone: Backbone, hidden: torch.Tensor, latents: torch.Tenso
                 error = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
                 losses[k, part] += (error * weights).cpu()
     return torch.bincount(losses.argmin(dim=0), minlength=len(hidden)).float() / count
+
+
+@torch.no_grad()
+def prompt_views(backbone: Backbone, dist: PromptDistribution, latents: torch.Tensor, view_prompts: torch.Tensor,
+                 train_cfg, seed: int, chunk: int = 64) -> tuple[str, ...]:
+    """The view word (of VIEWS) each prompt explains its references with best (train.view_words): the denoising loss
+    on the views that train it (view_prompts (V, K) > 0), summed over train.share_draws noise/timestep draws from the
+    noisiest (1 - train.share_min_t) of the schedule, lowest under that word."""
+    generator = torch.Generator().manual_seed(seed)
+    first_t = int(train_cfg.share_min_t * backbone.num_train_timesteps)
+    hidden = torch.stack([dist.encode(backbone, view=word) for word in VIEWS])  # (words, K, 77, d)
+    view_index, prompt_index = (view_prompts > 0).nonzero(as_tuple=True)
+    losses = torch.zeros(len(VIEWS), dist.num_prompts)
+    for _ in range(train_cfg.share_draws):
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(first_t, backbone.num_train_timesteps, (len(latents),), generator=generator)
+        for start in range(0, len(view_index), chunk):
+            views, prompts = view_index[start:start + chunk], prompt_index[start:start + chunk]
+            clean, steps = latents[views].to(backbone.device), t[views].to(backbone.device)
+            eps = noise[views].to(backbone.device)
+            noisy = backbone.add_noise(clean, eps, steps)
+            target = backbone.training_target(clean, eps, steps).float()
+            weights = min_snr_weights(backbone, steps, train_cfg.min_snr_gamma)
+            for word, rows in enumerate(hidden):
+                prediction = backbone.predict(noisy, steps, rows[prompts.to(rows.device)]).float()
+                error = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+                losses[word].index_add_(0, prompts, (error * weights).cpu())
+    return tuple(VIEWS[i] for i in losses.argmin(dim=0).tolist())
 
 
 def orthogonality_loss(features: torch.Tensor) -> torch.Tensor:
@@ -228,10 +266,15 @@ def training_losses(learner, backbone: Backbone, latents: torch.Tensor, train_cf
         if view_prompts is None:
             view_prompts = reference_prompts(torch.arange(len(latents)), len(hidden))
         picks, relax = torch.multinomial(view_prompts[chosen], draws, replacement=True, generator=generator), 1.0
-    device = hidden.device
+    device, in_words = hidden.device, None
+    plain = getattr(learner, "module", learner)  # under DistributedDataParallel
+    if getattr(plain, "view_encoders", None) is not None:
+        # train.view_words: the M draws name the view in turn, and the one that explains the reference best counts
+        # most (relaxed winner-takes-all), so the view is said by the word instead of learned into the prompt.
+        in_words, relax = plain.with_view_words(picks.to(device)), train_cfg.relax
     denoise = denoising_loss(
         backbone, hidden, picked.to(device), noise.to(device), t.to(device), prompt_eps, train_cfg.min_snr_gamma,
-        picks, train_cfg.bandwidth, relax,
+        picks, train_cfg.bandwidth, relax, in_words,
     )
     ortho = orthogonality_loss(eos)
     return denoise + train_cfg.ortho_weight * ortho, denoise, ortho
@@ -312,8 +355,12 @@ def train(cfg: DictConfig) -> Path:
 
     prompt = cfg.prompt
     encoder = SoftPromptEncoder(backbone.tokenizer, backbone.text_encoder, prompt.n_ctx, prompt.prefix, prompt.suffix)
-    learner = PromptLearner(encoder, prompt.num_prompts, prompt.init_std, cfg.seed,
-                            prompt.shared_base).to(accelerator.device)
+    view_encoders = None
+    if cfg.train.view_words:
+        view_encoders = [SoftPromptEncoder(backbone.tokenizer, backbone.text_encoder, prompt.n_ctx, prompt.prefix,
+                                           view_suffix(prompt.suffix, word)) for word in VIEWS]
+    learner = PromptLearner(encoder, prompt.num_prompts, prompt.init_std, cfg.seed, prompt.shared_base,
+                            view_encoders).to(accelerator.device)
     optimizer = torch.optim.AdamW(learner.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     checkpoints = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
     start = 0
@@ -370,20 +417,22 @@ def train(cfg: DictConfig) -> Path:
     path = out / "distribution.safetensors"
     if main:
         specialised = cfg.train.objective != "gaussian"
-        if specialised:
-            with accelerator.autocast():
-                hidden, _ = plain_learner()
-                shares = prompt_shares(backbone, hidden, latents, cfg.train, cfg.seed)
-            log.write("prompt shares " + " ".join(f"{share:.3f}" for share in shares.tolist()) + "\n")
-        PromptDistribution(
+        dist = PromptDistribution(
             ctx=plain_learner.contexts.detach().float().cpu(),
             prefix=prompt.prefix,
             suffix=prompt.suffix,
             model_id=backbone.model_id,
             fingerprint=backbone.fingerprint,
-            weights=shares if specialised else None,
             sampler="prompts" if specialised else "gaussian",
-        ).save(path)
+        )
+        if specialised:
+            with accelerator.autocast(), torch.no_grad():
+                if cfg.train.view_words:
+                    dist.views = prompt_views(backbone, dist, latents, view_prompts, cfg.train, cfg.seed)
+                    log.write("prompt views " + " ".join(dist.views) + "\n")
+                dist.weights = prompt_shares(backbone, dist.encode(backbone), latents, cfg.train, cfg.seed)
+            log.write("prompt shares " + " ".join(f"{share:.3f}" for share in dist.weights.tolist()) + "\n")
+        dist.save(path)
         log.write(f"wrote {path}\n")
         log.close()
     accelerator.wait_for_everyone()
@@ -413,5 +462,7 @@ def main(argv=None) -> None:
     if cfg.images is None:
         raise UserError("pass --images <folder of reference images>")
     check_ranges(cfg, CONFIG_RANGES)
+    if cfg.train.view_words and cfg.train.objective != "per_reference":
+        raise UserError("train.view_words needs train.objective=per_reference")
     guidance_window(cfg.sample.guidance_interval, "sample.guidance_interval")
     print(f"wrote {train(cfg)}")

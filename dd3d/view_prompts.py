@@ -9,9 +9,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from dd3d.distribution import Gaussian, Mixture, build_sampler
-
-VIEWS = ("front", "side", "back", "overhead")
+from dd3d.distribution import VIEWS, Gaussian, Mixture, build_sampler
 
 
 class ViewPrompts:

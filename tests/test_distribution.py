@@ -167,3 +167,23 @@ def test_format_2_round_trip_with_prompt_shares_and_version_1_files_still_load(b
     save_file({"ctx": dist.ctx.contiguous()}, str(tmp_path / "v1.safetensors"), metadata=metadata)
     old = PromptDistribution.load(tmp_path / "v1.safetensors")
     assert old.weights is None and isinstance(old.fit(backbone, sampler="auto"), Gaussian)
+
+
+def test_prompts_learned_with_view_words_keep_them_unless_a_view_is_named(backbone, tmp_path):
+    """Format 3: each prompt's view word round-trips; the training template appends it to that prompt alone, a
+    requested view (stage 2's camera) or a suffix that names one replaces it for every prompt."""
+    dist = make_distribution(backbone, k=4)
+    dist.views = ("front", "back", "front", "overhead")
+    dist.save(tmp_path / "v3.safetensors")
+    loaded = PromptDistribution.load(tmp_path / "v3.safetensors")
+    assert loaded.views == dist.views
+    own = loaded.encode(backbone)
+    for k, word in enumerate(dist.views):
+        alone = loaded.encoder(backbone, suffix=f"house, {word} view")(loaded.ctx[k:k + 1])[0][0]
+        assert torch.allclose(own[k], alone, atol=1e-6)
+    side = loaded.encoder(backbone, suffix="house, side view")(loaded.ctx)[0]
+    assert torch.allclose(loaded.encode(backbone, view="side"), side, atol=1e-6)
+    assert torch.allclose(loaded.encode(backbone, suffix="house, side view"), side, atol=1e-6)
+    assert torch.allclose(loaded.fit(backbone, view="side").mean, side.mean(0), atol=1e-6)
+    dist.views = None  # without view words the training template is the prompt as learned
+    assert torch.allclose(dist.encode(backbone), dist.encoder(backbone)(dist.ctx)[0])

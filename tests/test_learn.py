@@ -215,3 +215,42 @@ def test_prompt_shares_read_the_noisy_half_of_the_schedule(backbone, monkeypatch
         cfg = OmegaConf.create({"share_draws": 4, "share_min_t": low, "min_snr_gamma": 5.0})
         prompt_shares(backbone, hidden, latents, cfg, 0)
         assert check(torch.cat(seen)), low
+
+
+def test_prompt_views_pick_the_word_each_prompts_references_denoise_best_with(backbone, monkeypatch):
+    """train.view_words: a model whose error on a reference is (word index - the word it shows): each prompt gets the
+    word of the reference it was learned from."""
+    from omegaconf import OmegaConf
+
+    from dd3d.distribution import VIEWS, PromptDistribution
+    from dd3d.learn import prompt_views, reference_prompts
+
+    shown = torch.tensor([2.0, 0.0, 3.0])  # back, front, overhead
+    latents = shown.view(3, 1, 1, 1).expand(3, 4, 8, 8).contiguous()
+    monkeypatch.setattr(backbone, "add_noise", lambda clean, noise, t: clean)
+    monkeypatch.setattr(backbone, "training_target", lambda clean, noise, t: torch.zeros_like(clean))
+    monkeypatch.setattr(backbone, "predict", lambda noisy, t, emb: noisy * 0 + (emb[:, 0, 0] - noisy[:, 0, 0, 0])
+                        .view(-1, 1, 1, 1))
+    dist = PromptDistribution(ctx=torch.zeros(6, 4, 32), prefix="", suffix="", model_id="tiny",
+                              fingerprint=backbone.fingerprint)
+    monkeypatch.setattr(dist, "encode", lambda backbone, view: torch.full((6, 77, 32), float(VIEWS.index(view))))
+    cfg = OmegaConf.create({"share_draws": 2, "share_min_t": 0.5, "min_snr_gamma": 0.0})
+    views = prompt_views(backbone, dist, latents, reference_prompts(torch.arange(3), 6), cfg, 0)
+    assert views == ("back", "front", "overhead") * 2
+
+
+def test_view_words_end_the_m_draws_in_turn(backbone):
+    """Draw m of a view is its picked prompt encoded with ", <VIEWS[m mod 4]> view" after the template."""
+    from dd3d.distribution import VIEWS
+
+    encoders = [SoftPromptEncoder(backbone.tokenizer, backbone.text_encoder, n_ctx=4, prefix="a", suffix=f", {w} view")
+                for w in VIEWS]
+    plain = SoftPromptEncoder(backbone.tokenizer, backbone.text_encoder, n_ctx=4, prefix="a", suffix="")
+    learner = PromptLearner(plain, num_prompts=3, init_std=0.02, seed=0, view_encoders=encoders)
+    picks = torch.tensor([[0, 1, 2, 0, 1], [2, 2, 1, 1, 0]])
+    drawn = learner.with_view_words(picks)
+    assert drawn.shape == (2, 5, 77, 32)
+    for b in range(2):
+        for m in range(5):
+            expected = encoders[m % 4](learner.contexts[picks[b, m]][None])[0][0]
+            assert torch.allclose(drawn[b, m], expected, atol=1e-6)

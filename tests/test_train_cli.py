@@ -41,7 +41,8 @@ def test_end_to_end_subprocess(tiny_model, refs, tmp_path):
     assert "step 4 loss" in (out / "train.log").read_text()
 
 
-@pytest.mark.parametrize("objective", [[], ["train.objective=per_reference", "prompt.shared_base=true"]])
+@pytest.mark.parametrize("objective", [[], ["train.objective=per_reference", "prompt.shared_base=true"],
+                                       ["train.objective=per_reference", "train.view_words=true"]])
 def test_resume_equals_uninterrupted(objective, tiny_model, refs, tmp_path, capsys):
     common = ["--images", refs, "--model", tiny_model, "checkpoint_every=2", *FAST, *objective]
     code, err = cli([*common, "--out", tmp_path / "whole", "steps=4"], capsys)
@@ -53,6 +54,9 @@ def test_resume_equals_uninterrupted(objective, tiny_model, refs, tmp_path, caps
     first = torch.load(tmp_path / "split" / "checkpoints" / "step-000002.pt")["ctx"]
     assert not torch.equal(first, split)  # the resumed run did train further
     assert torch.equal(whole, split)
+    if "train.view_words=true" in objective:  # each prompt's view word is in the file
+        views = PromptDistribution.load(tmp_path / "whole" / "distribution.safetensors").views
+        assert len(views) == 4 and set(views) <= {"front", "side", "back", "overhead"}
 
 
 def test_refuses_a_folder_holding_another_run(tiny_model, refs, tmp_path, capsys):
@@ -73,6 +77,7 @@ def test_refuses_a_folder_holding_another_run(tiny_model, refs, tmp_path, capsys
         ("not-diffusers", "not a diffusers"),
         ("bad-override", "bad configuration"),
         ("bad-interval", "sample.guidance_interval must be [low, high]"),
+        ("view-words-objective", "train.view_words needs train.objective=per_reference"),
     ],
 )
 def test_bad_input_one_line_exit_2_nothing_written(case, message, tiny_model, tmp_path, capsys):
@@ -93,6 +98,8 @@ def test_bad_input_one_line_exit_2_nothing_written(case, message, tiny_model, tm
         extra = ["train.no_such_key=1"]
     elif case == "bad-interval":
         extra = ["sample.guidance_interval=[0.5]"]
+    elif case == "view-words-objective":
+        extra = ["train.view_words=true", "train.objective=gaussian"]
     out = tmp_path / "run"
     code, err = cli(["--images", images, "--model", model, "--out", out, "steps=1", *extra], capsys)
     assert code == 2
