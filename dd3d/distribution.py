@@ -271,15 +271,14 @@ class PromptDistribution:
         a view is given. Prompts learned with view words keep their own when neither the view nor the suffix names
         one."""
         suffix = self.suffix if suffix is None else suffix
+
+        def under(word: str | None) -> torch.Tensor:
+            return self.encoder(backbone, prefix, view_suffix(suffix, word))(self.ctx, self.reference_positions)[0]
+
         if view is not None or self.views is None or any(f"{word} view" in suffix.lower() for word in VIEWS):
-            return self.encoder(backbone, prefix, view_suffix(suffix, view))(self.ctx, self.reference_positions)[0]
-        hidden = None
-        for word in sorted(set(self.views)):
-            rows = torch.tensor([k for k, own in enumerate(self.views) if own == word])
-            part = self.encoder(backbone, prefix, view_suffix(suffix, word))(self.ctx[rows], self.reference_positions)[0]
-            hidden = part.new_zeros((self.num_prompts, *part.shape[1:])) if hidden is None else hidden
-            hidden[rows] = part
-        return hidden
+            return under(view)
+        encoded = {word: under(word) for word in set(self.views)}
+        return torch.stack([encoded[word][k] for k, word in enumerate(self.views)])
 
     @torch.no_grad()
     def fit(self, backbone, prefix: str | None = None, suffix: str | None = None, sampler: str = "gaussian",
