@@ -13,6 +13,8 @@ kind, four colours of one kind, two kinds of one colour, one kind in all sizes).
   k1         a single learned prompt (K=1, zero spread: Textual-Inversion-like)
   class      the plain class prompt ("a <kind>", "a <colour> object" when the set spans kinds)
   captions   the references' exact captions (the ceiling: what the model does when told exactly what to draw)
+  references the reference images themselves, n drawn with replacement: a perfect sampler, whose TVs are the
+             floor that sampling noise alone puts under every method at this n
 Each number is the mean over --seeds. CPU: about 20 minutes with the defaults (8 sets, one seed) on 2 cores.
 
   python benchmarks/bench_fidelity.py                       # all sets, seed 0
@@ -76,6 +78,11 @@ def class_prompt(labels: dict[str, list[str]]) -> str:
     return f"a {next(iter(colours))} object" if len(colours) == 1 else "an object"
 
 
+def resampled(images: list, n: int, seed: int) -> list:
+    """n of the images drawn with replacement (seeded): what a sampler that draws the references exactly gives."""
+    return [images[i] for i in np.random.default_rng(seed).integers(len(images), size=n)]
+
+
 def same_training(saved, cfg) -> bool:
     """Whether a cached run was trained as `cfg` would train it: settings it predates take their defaults, and its
     `sample` section only draws progress grids."""
@@ -117,6 +124,7 @@ def evaluate_set(name: str, args, oracle, backbone, variants: dict[str, list[str
                                                              args.n, o)
                for variant, overrides in variants.items()},
             "class": lambda: ev.text_images(backbone, [class_prompt(labels)] * args.n, seed),
+            "references": lambda: resampled(ev.load_images(refs), args.n, seed),
         }
         for method, make in methods.items():
             started = time.time()
