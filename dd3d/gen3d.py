@@ -58,6 +58,7 @@ CONFIG_RANGES = {
     "num_samples": (">=", 1),
     "prompt_draw": ("in", ("auto", "per_iteration", "per_asset")),
     "prompt_jitter": (">=", 0),
+    "view_negative": (">=", 0),
     "asset_neighbours": (">=", 1),
     "camera.batch_size": (">=", 1),
     "camera.width": (">=", 1),
@@ -319,7 +320,11 @@ def train_asset(cfg: DictConfig, backbone, prompts: ViewPrompts, asset: int, fol
         )
         eps, uniforms = noise.draw(len(cameras), generator)
         cond, uncond = prompts.draw(cameras.views, eps, uniforms)
-        sds, info = guidance(out["rgb"], cond.to(device), uncond.to(device), step, generator, out["opacity"])
+        negatives = None
+        if cfg.view_negative > 0:
+            negatives = [x.to(device) for x in prompts.negatives(cameras.views, eps, uniforms, cfg.view_negative)]
+        sds, info = guidance(out["rgb"], cond.to(device), uncond.to(device), step, generator, out["opacity"],
+                             negatives)
         loss = (
             sds
             + cfg.loss.orient * out["loss_orient"]

@@ -11,6 +11,9 @@ from omegaconf import DictConfig
 
 from dd3d.distribution import VIEWS, Gaussian, Mixture, build_sampler
 
+# The views each camera's view is steered away from with `view_negative` (Perp-Neg): the other azimuth sectors.
+OTHER_VIEWS = {"front": ("back",), "side": ("front", "back"), "back": ("front",), "overhead": ()}
+
 
 class ViewPrompts:
     """Draws (cond, uncond) text embeddings for a batch of cameras from their view labels."""
@@ -40,3 +43,17 @@ class ViewPrompts:
             [self.samplers[view].apply(e[None], u[None])[0][0] for view, e, u in zip(views, eps, uniforms)]
         )
         return cond, self.uncond.expand(len(views), -1, -1)
+
+    def negatives(self, views: list[str], eps: torch.Tensor, uniforms: torch.Tensor,
+                  weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each camera, the same draw (eps, uniform) under the other azimuth sectors' view words (OTHER_VIEWS):
+        embeddings (B, 2, 77, d) and their weights (B, 2); a camera with fewer than two is padded with its own
+        prompt at weight 0."""
+        cond, _ = self.draw(views, eps, uniforms)
+        rows, weights = [], []
+        for i, view in enumerate(views):
+            others = OTHER_VIEWS[view]
+            drawn = [self.draw([other], eps[i : i + 1], uniforms[i : i + 1])[0][0] for other in others]
+            rows.append(torch.stack(drawn + [cond[i]] * (2 - len(drawn))))
+            weights.append([weight] * len(drawn) + [0.0] * (2 - len(drawn)))
+        return torch.stack(rows), torch.tensor(weights)

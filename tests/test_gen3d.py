@@ -46,6 +46,20 @@ def test_view_prompts_use_the_view_template_and_empty_uncond(backbone, dist_file
     assert set(prompts.samplers) == set(VIEWS)
 
 
+def test_view_negatives_are_the_same_draw_under_the_other_sectors_words(backbone, dist_file):
+    cfg = OmegaConf.create({"dists": [str(dist_file)], "weights": None, "mix": "blend", "std_scale": [1.0],
+                            "prefix": None, "suffix": None, "class_index": None})
+    prompts = ViewPrompts.from_distributions(cfg, backbone)
+    views, eps, uniforms = ["front", "side", "overhead"], torch.randn(3, 77, 32), torch.rand(3)
+    embeddings, weights = prompts.negatives(views, eps, uniforms, 2.0)
+    cond, _ = prompts.draw(views, eps, uniforms)
+    as_view = lambda view, i: prompts.draw([view], eps[i : i + 1], uniforms[i : i + 1])[0][0]  # noqa: E731
+    assert weights.tolist() == [[2.0, 0.0], [2.0, 2.0], [0.0, 0.0]]
+    assert torch.equal(embeddings[0, 0], as_view("back", 0)) and torch.equal(embeddings[0, 1], cond[0])
+    assert torch.equal(embeddings[1, 0], as_view("front", 1)) and torch.equal(embeddings[1, 1], as_view("back", 1))
+    assert torch.equal(embeddings[2], cond[2].expand(2, -1, -1))
+
+
 def gaussian_prompts() -> ViewPrompts:
     return ViewPrompts({view: Gaussian(torch.zeros(77, 8), torch.ones(77, 8)) for view in VIEWS}, torch.zeros(1, 77, 8))
 
@@ -120,7 +134,7 @@ def test_cli_runs_resumes_exactly_and_exports(tiny_model, dist_file, tmp_path, c
 
 def test_plain_prompt_and_several_assets(tiny_model, tmp_path, capsys):
     args = ["--prompt", "a red house", "--model", tiny_model, "--num-samples", "2", "--out", tmp_path / "two",
-            *SMALL, "steps=1", "export.formats=[]"]
+            *SMALL, "steps=1", "export.formats=[]", "view_negative=1"]
     code, err = cli(main, args, capsys)
     assert code == 0, err
     assert (tmp_path / "two" / "sample-0" / "checkpoints").is_dir()

@@ -3,7 +3,7 @@ import torch
 
 from dd3d.backbone import Backbone
 from dd3d.cli import UserError
-from dd3d.sds import ScoreDistillation, interval_score_gradient, sds_gradient, sds_loss
+from dd3d.sds import ScoreDistillation, guided_eps, interval_score_gradient, sds_gradient, sds_loss
 
 
 @pytest.mark.parametrize("fixture", ["backbone", "backbone_v"])
@@ -50,6 +50,26 @@ def test_interval_score_leaves_only_the_guidance_where_the_model_explains_the_re
     assert torch.allclose(gradient, weight * 7.5 * text, atol=1e-4)
     within = interval_score_gradient(backbone, latents, cond[:1], uncond[:1], t[:1], 7.5)  # no inversion move at all
     assert torch.allclose(within, gradient[:1], atol=1e-5)
+
+
+def test_perp_neg_removes_only_the_negatives_part_across_the_positive_direction(backbone, monkeypatch):
+    """A linear model (the estimate is the embedding's first entries): a negative prompt's direction along the
+    camera's own is kept, its perpendicular part is taken off times its weight; at weight 0, or a negative that
+    is the positive prompt itself, the estimate is plain classifier-free guidance."""
+    monkeypatch.setattr(backbone, "predict", lambda noisy, t, emb: emb[:, :8, :].reshape(-1, 4, 8, 8))
+    noisy, t = torch.zeros(1, 4, 8, 8), torch.tensor([500])
+    uncond = torch.zeros(1, 77, 32)
+    cond = torch.zeros(1, 77, 32)
+    cond[0, 0, 0] = 1.0  # the positive direction: one element
+    negative = torch.zeros(1, 77, 32)
+    negative[0, 0, 0], negative[0, 0, 1] = 0.5, 2.0  # half along it, 2 across it
+    plain = guided_eps(backbone, noisy, t, cond, uncond, 7.5)
+    steered = guided_eps(backbone, noisy, t, cond, uncond, 7.5, (negative[:, None], torch.tensor([[0.5]])))
+    difference = (steered - plain).flatten()
+    assert torch.isclose(difference[1], torch.tensor(-7.5 * 0.5 * 2.0)) and difference[0] == 0
+    assert difference[2:].abs().max() == 0
+    for negatives in ((negative[:, None], torch.tensor([[0.0]])), (cond[:, None], torch.tensor([[3.0]]))):
+        assert torch.allclose(guided_eps(backbone, noisy, t, cond, uncond, 7.5, negatives), plain)
 
 
 def test_v_prediction_is_converted_before_guidance(backbone_v, monkeypatch):
