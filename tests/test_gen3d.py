@@ -182,8 +182,8 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tiny_model, dist_file, tmp
 
     original = sds.ScoreDistillation.__call__
 
-    def poisoned(self, rgb, cond, uncond, iteration, generator, opacity=None):
-        loss, info = original(self, rgb, cond, uncond, iteration, generator, opacity)
+    def poisoned(self, rgb, cond, uncond, iteration, generator, opacity=None, negatives=None):
+        loss, info = original(self, rgb, cond, uncond, iteration, generator, opacity, negatives)
         return (loss * float("nan") if iteration == 2 else loss), info
 
     monkeypatch.setattr(sds.ScoreDistillation, "__call__", poisoned)
