@@ -22,6 +22,8 @@ def guided_eps(backbone: Backbone, noisy, t, cond, uncond, guidance_scale: float
         conds = [cond]
     else:
         embeddings, weights = negatives
+        used = weights.ne(0).any(dim=0)  # a negative at weight 0 for every camera changes nothing: not evaluated
+        embeddings, weights = embeddings[:, used], weights[:, used]
         conds = [cond, *embeddings.unbind(1)]
     count = len(conds) + 1
     batch = torch.cat([noisy] * count), torch.cat([t] * count)

@@ -47,13 +47,11 @@ class ViewPrompts:
     def negatives(self, views: list[str], eps: torch.Tensor, uniforms: torch.Tensor,
                   weight: float) -> tuple[torch.Tensor, torch.Tensor]:
         """For each camera, the same draw (eps, uniform) under the other azimuth sectors' view words (OTHER_VIEWS):
-        embeddings (B, 2, 77, d) and their weights (B, 2); a camera with fewer than two is padded with its own
-        prompt at weight 0."""
-        cond, _ = self.draw(views, eps, uniforms)
+        embeddings (B, 2, 77, d) and their weights (B, 2); a camera with fewer than two is padded with zeros at
+        weight 0 (`guided_eps` skips what has weight 0 throughout)."""
         rows, weights = [], []
         for i, view in enumerate(views):
-            others = OTHER_VIEWS[view]
-            drawn = [self.draw([other], eps[i : i + 1], uniforms[i : i + 1])[0][0] for other in others]
-            rows.append(torch.stack(drawn + [cond[i]] * (2 - len(drawn))))
+            drawn = [self.draw([other], eps[i : i + 1], uniforms[i : i + 1])[0][0] for other in OTHER_VIEWS[view]]
+            rows.append(torch.stack(drawn + [torch.zeros(self.shape)] * (2 - len(drawn))))
             weights.append([weight] * len(drawn) + [0.0] * (2 - len(drawn)))
         return torch.stack(rows), torch.tensor(weights)

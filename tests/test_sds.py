@@ -70,6 +70,8 @@ def test_perp_neg_removes_only_the_negatives_part_across_the_positive_direction(
     assert difference[2:].abs().max() == 0
     for negatives in ((negative[:, None], torch.tensor([[0.0]])), (cond[:, None], torch.tensor([[3.0]]))):
         assert torch.allclose(guided_eps(backbone, noisy, t, cond, uncond, 7.5, negatives), plain)
+    padded = (torch.stack([negative, torch.zeros(1, 77, 32)], dim=1), torch.tensor([[0.5, 0.0]]))
+    assert torch.allclose(guided_eps(backbone, noisy, t, cond, uncond, 7.5, padded), steered)
 
 
 def test_v_prediction_is_converted_before_guidance(backbone_v, monkeypatch):
