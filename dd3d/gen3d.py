@@ -60,6 +60,7 @@ CONFIG_RANGES = {
     "prompt_jitter": (">=", 0),
     "view_negative": (">=", 0),
     "asset_neighbours": (">=", 1),
+    "asset_shared": (">=", 0, "<=", 1),
     "camera.batch_size": (">=", 1),
     "camera.width": (">=", 1),
     "camera.height": (">=", 1),
@@ -323,8 +324,12 @@ def train_asset(cfg: DictConfig, backbone, prompts: ViewPrompts, asset: int, fol
         negatives = None
         if cfg.view_negative > 0:
             negatives = [x.to(device) for x in prompts.negatives(cameras.views, eps, uniforms, cfg.view_negative)]
+        shared = None
+        if cfg.asset_shared > 0 and noise.mode == "per_asset":
+            fresh = torch.randn(eps.shape, generator=generator), torch.rand(len(cameras), generator=generator)
+            shared = prompts.draw(cameras.views, *fresh)[0].to(device), cfg.asset_shared
         sds, info = guidance(out["rgb"], cond.to(device), uncond.to(device), step, generator, out["opacity"],
-                             negatives)
+                             negatives, shared)
         loss = (
             sds
             + cfg.loss.orient * out["loss_orient"]

@@ -13,8 +13,11 @@ from dd3d.backbone import Backbone
 from dd3d.cli import UserError
 
 
-def guided_eps(backbone: Backbone, noisy, t, cond, uncond, guidance_scale: float, negatives=None) -> torch.Tensor:
-    """The classifier-free-guided noise estimate at `noisy` (no grad). `negatives`: (embeddings (B, J, 77, d),
+def guided_eps(backbone: Backbone, noisy, t, cond, uncond, guidance_scale: float, negatives=None,
+               shared=None) -> torch.Tensor:
+    """The classifier-free-guided noise estimate at `noisy` (no grad). `shared`: (embeddings (B, 77, d), weight w) of
+    a second prompt whose guidance direction is blended in, (1 - w) (cond's) + w (its), as composable diffusion adds
+    conditions (Liu et al. 2022). `negatives`: (embeddings (B, J, 77, d),
     weights (B, J)) of prompts to steer away from, Perp-Neg style (Armandpour et al. 2023): each one's guidance
     direction less its part along the positive direction, times its weight, is taken off the positive direction, so
     what the prompts share (the object) is kept and only what sets them apart (the view) is pushed apart."""
@@ -25,14 +28,18 @@ def guided_eps(backbone: Backbone, noisy, t, cond, uncond, guidance_scale: float
         used = weights.ne(0).any(dim=0)  # a negative at weight 0 for every camera changes nothing: not evaluated
         embeddings, weights = embeddings[:, used], weights[:, used]
         conds = [cond, *embeddings.unbind(1)]
+    if shared is not None:
+        conds.append(shared[0])
     count = len(conds) + 1
     batch = torch.cat([noisy] * count), torch.cat([t] * count)
     out = backbone.predict(*batch, torch.cat([*conds, uncond])).float()
     eps_all = backbone.eps_from_prediction(out, *batch).chunk(count)
     eps_uncond, positive = eps_all[-1], eps_all[0] - eps_all[-1]
+    if shared is not None:
+        positive = (1 - shared[1]) * positive + shared[1] * (eps_all[-2] - eps_uncond)
     if negatives is not None:
         flat = positive.flatten(1)
-        for eps_negative, weight in zip(eps_all[1:-1], weights.to(positive).unbind(1)):
+        for eps_negative, weight in zip(eps_all[1 : 1 + weights.shape[1]], weights.to(positive).unbind(1)):
             away = (eps_negative - eps_uncond).flatten(1)
             along = (away * flat).sum(1, keepdim=True) / flat.square().sum(1, keepdim=True).clamp(min=1e-12)
             positive = positive - (weight[:, None] * (away - along * flat)).view_as(positive)
@@ -58,12 +65,13 @@ def sds_gradient(
     guidance_scale: float,
     weighting: str = "sds",
     negatives=None,
+    shared=None,
 ) -> torch.Tensor:
     """w(t) (eps_hat - eps): eps_hat is the classifier-free-guided noise estimate at noisy latents (no grad;
     `negatives`: see `guided_eps`)."""
     with torch.no_grad():
         eps_hat = guided_eps(backbone, backbone.add_noise(latents, noise, t), t, cond, uncond, guidance_scale,
-                             negatives)
+                             negatives, shared)
     return score_weight(backbone, t, weighting).view(-1, 1, 1, 1) * (eps_hat - noise)
 
 
@@ -86,6 +94,7 @@ def interval_score_gradient(
     interval: int = 50,
     inversion_stride: int = 200,
     negatives=None,
+    shared=None,
 ) -> torch.Tensor:
     """Interval score matching (LucidDreamer, Liang et al. 2023): w(t) (eps_hat(x_t, t) - eps(x_s, s)), s = t -
     interval, where x_s is the latents inverted by deterministic DDIM with the unconditional estimate (strides of
@@ -102,7 +111,7 @@ def interval_score_gradient(
             noisy, at = ddim_move(backbone, noisy, eps, at, to), to
         eps_s = backbone.eps_from_prediction(backbone.predict(noisy, s, uncond), noisy, s).float()
         noisy_t = ddim_move(backbone, noisy, eps_s, s, t)
-        eps_hat = guided_eps(backbone, noisy_t, t, cond, uncond, guidance_scale, negatives)
+        eps_hat = guided_eps(backbone, noisy_t, t, cond, uncond, guidance_scale, negatives, shared)
     return score_weight(backbone, t, weighting).view(-1, 1, 1, 1) * (eps_hat - eps_s)
 
 
@@ -209,17 +218,17 @@ class ScoreDistillation:
         return 0.125 * total / pixels.shape[0]
 
     def score_gradient(self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, t: torch.Tensor,
-                       generator: torch.Generator, negatives=None) -> torch.Tensor:
+                       generator: torch.Generator, negatives=None, shared=None) -> torch.Tensor:
         """The configured score's gradient on the latents at timesteps t: SDS (noise drawn from `generator`) or
         interval score matching (deterministic); `negatives`: see `guided_eps`."""
         if self.score == "interval":
             return interval_score_gradient(
                 self.backbone, latents, cond, uncond, t, self.guidance_scale, self.weighting, self.interval,
-                self.inversion_stride, negatives,
+                self.inversion_stride, negatives, shared,
             )
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         return sds_gradient(self.backbone, latents, cond, uncond, t, noise, self.guidance_scale, self.weighting,
-                            negatives)
+                            negatives, shared)
 
     def __call__(
         self,
@@ -230,6 +239,7 @@ class ScoreDistillation:
         generator: torch.Generator,
         opacity: torch.Tensor | None = None,
         negatives=None,
+        shared=None,
     ) -> tuple[torch.Tensor, dict]:
         """The SDS loss for a batch of renders; `cond`/`uncond` are (B, 77, d) text embeddings; `opacity` weights the
         colour-only pull (None: every pixel fully); `negatives`: see `guided_eps`."""
@@ -237,7 +247,7 @@ class ScoreDistillation:
         low, high = self.step_range(iteration)
         batch = latents.shape[0]
         t = torch.randint(low, high + 1, (batch,), generator=generator).to(latents.device)
-        gradient = torch.nan_to_num(self.score_gradient(latents, cond, uncond, t, generator, negatives))
+        gradient = torch.nan_to_num(self.score_gradient(latents, cond, uncond, t, generator, negatives, shared))
         if self.grad_clip is not None:
             gradient = gradient.clamp(-self.grad_clip, self.grad_clip)
         loss = sds_loss(latents, gradient)

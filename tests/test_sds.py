@@ -74,6 +74,25 @@ def test_perp_neg_removes_only_the_negatives_part_across_the_positive_direction(
     assert torch.allclose(guided_eps(backbone, noisy, t, cond, uncond, 7.5, padded), steered)
 
 
+def test_shared_prompt_blends_the_two_guidance_directions(backbone, monkeypatch):
+    """On the linear stand-in: with a shared prompt at weight w the guidance direction is (1 - w) the asset's own
+    plus w the shared one's; w = 0 is plain guidance, w = 1 the shared prompt's alone; Perp-Neg then acts on the
+    blend."""
+    monkeypatch.setattr(backbone, "predict", lambda noisy, t, emb: emb[:, :8, :].reshape(-1, 4, 8, 8))
+    noisy, t, uncond = torch.zeros(1, 4, 8, 8), torch.tensor([500]), torch.zeros(1, 77, 32)
+    own, other = torch.zeros(1, 77, 32), torch.zeros(1, 77, 32)
+    own[0, 0, 0], other[0, 0, 1] = 1.0, 2.0
+    blended = guided_eps(backbone, noisy, t, own, uncond, 7.5, shared=(other, 0.25)).flatten()
+    assert torch.isclose(blended[0], torch.tensor(7.5 * 0.75)) and torch.isclose(blended[1], torch.tensor(7.5 * 0.5))
+    assert torch.allclose(guided_eps(backbone, noisy, t, own, uncond, 7.5, shared=(other, 0.0)),
+                          guided_eps(backbone, noisy, t, own, uncond, 7.5))
+    assert torch.allclose(guided_eps(backbone, noisy, t, own, uncond, 7.5, shared=(other, 1.0)),
+                          guided_eps(backbone, noisy, t, other, uncond, 7.5))
+    negatives = (other[:, None], torch.tensor([[1.0]]))  # along the blend in part: only the rest is taken off
+    assert torch.allclose(guided_eps(backbone, noisy, t, own, uncond, 7.5, negatives, (other, 0.25)),
+                          guided_eps(backbone, noisy, t, own * 0.75 + other * 0.25, uncond, 7.5, negatives))
+
+
 def test_v_prediction_is_converted_before_guidance(backbone_v, monkeypatch):
     """A v-model that predicts the true velocity yields zero SDS gradient: eps is recovered from v first."""
     latents, noise, t = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.tensor([300])
