@@ -68,7 +68,7 @@ def sds_gradient(
     shared=None,
 ) -> torch.Tensor:
     """w(t) (eps_hat - eps): eps_hat is the classifier-free-guided noise estimate at noisy latents (no grad;
-    `negatives`: see `guided_eps`)."""
+    `negatives`, `shared`: see `guided_eps`)."""
     with torch.no_grad():
         eps_hat = guided_eps(backbone, backbone.add_noise(latents, noise, t), t, cond, uncond, guidance_scale,
                              negatives, shared)
@@ -100,7 +100,7 @@ def interval_score_gradient(
     interval, where x_s is the latents inverted by deterministic DDIM with the unconditional estimate (strides of
     at most inversion_stride) and x_t one more such move from x_s. The random noise of SDS is replaced by the noise
     the model itself reads into the render, so the target is a sharp image, not the blurred mean of its noisy
-    versions. `negatives`: see `guided_eps`."""
+    versions. `negatives`, `shared`: see `guided_eps`."""
     with torch.no_grad():
         s = (t - interval).clamp(min=0)
         moves = -(-int(s.max()) // inversion_stride)  # none when every t is within the interval of 0
@@ -220,7 +220,7 @@ class ScoreDistillation:
     def score_gradient(self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, t: torch.Tensor,
                        generator: torch.Generator, negatives=None, shared=None) -> torch.Tensor:
         """The configured score's gradient on the latents at timesteps t: SDS (noise drawn from `generator`) or
-        interval score matching (deterministic); `negatives`: see `guided_eps`."""
+        interval score matching (deterministic); `negatives`, `shared`: see `guided_eps`."""
         if self.score == "interval":
             return interval_score_gradient(
                 self.backbone, latents, cond, uncond, t, self.guidance_scale, self.weighting, self.interval,
@@ -242,7 +242,7 @@ class ScoreDistillation:
         shared=None,
     ) -> tuple[torch.Tensor, dict]:
         """The SDS loss for a batch of renders; `cond`/`uncond` are (B, 77, d) text embeddings; `opacity` weights the
-        colour-only pull (None: every pixel fully); `negatives`: see `guided_eps`."""
+        colour-only pull (None: every pixel fully); `negatives`, `shared`: see `guided_eps`."""
         pixels, latents = self.encode(rgb)
         low, high = self.step_range(iteration)
         batch = latents.shape[0]

@@ -139,6 +139,31 @@ def test_plain_prompt_and_several_assets(tiny_model, tmp_path, capsys):
     assert (tmp_path / "two" / "sample-1" / "config.yaml").is_file()
 
 
+def test_asset_shared_blends_in_a_fresh_draw_of_the_whole_distribution(tiny_model, dist_file, tmp_path, capsys,
+                                                                     monkeypatch):
+    """With --num-samples and asset_shared, each step's guidance also gets a draw that changes every step (the
+    whole distribution's), while the asset's own stays close; a single asset (fresh draws already) gets none."""
+    from dd3d import sds
+
+    seen = []
+    original = sds.ScoreDistillation.__call__
+
+    def spy(self, rgb, cond, uncond, iteration, generator, opacity=None, negatives=None, shared=None):
+        seen.append((cond.clone(), shared))
+        return original(self, rgb, cond, uncond, iteration, generator, opacity, negatives, shared)
+
+    monkeypatch.setattr(sds.ScoreDistillation, "__call__", spy)
+    common = ["--dist", dist_file, "--model", tiny_model, *SMALL, "steps=2", "export.formats=[]", "asset_shared=0.5",
+              "camera.batch_size=1"]
+    assert cli(main, [*common, "--num-samples", "2", "--out", tmp_path / "two"], capsys)[0] == 0
+    (own_a, (shared_a, weight)), (own_b, (shared_b, _)) = seen[:2]  # the first asset's two steps
+    assert weight == 0.5
+    assert (shared_a - shared_b).norm() > 2 * (own_a - own_b).norm()
+    seen.clear()
+    assert cli(main, [*common, "--out", tmp_path / "one"], capsys)[0] == 0
+    assert all(shared is None for _, shared in seen)
+
+
 def test_fp16_model_trains_the_fp32_scene_on_cpu(tiny_model, dist_file, tmp_path, capsys):
     """The GPU setting (fp16 UNet and VAE, fp32 field and render) runs end to end on CPU."""
     args = ["--dist", dist_file, "--model", tiny_model, "--out", tmp_path / "half", *SMALL, "dtype=fp16",
