@@ -154,6 +154,7 @@ class ScoreDistillation:
         recon_weight_end: float | None = None,
         recon_chroma_weight: float = 0.0,
         recon_chroma_weight_end: float | None = None,
+        shared_luminance: bool = False,
     ):
         check_timestep_range(min_step_percent, max_step_percent, max_step_percent_end)
         if score not in ("sds", "interval"):
@@ -168,6 +169,7 @@ class ScoreDistillation:
         self.score, self.interval, self.inversion_stride = score, interval, inversion_stride
         self.recon_weight, self.recon_weight_end = recon_weight, recon_weight_end
         self.recon_chroma_weight, self.recon_chroma_weight_end = recon_chroma_weight, recon_chroma_weight_end
+        self.shared_luminance = shared_luminance
 
     def annealed(self, start: float, end: float | None, iteration: int) -> float:
         """`start` moved linearly to `end` over anneal_steps iterations (`start` throughout when end is None)."""
@@ -218,17 +220,20 @@ class ScoreDistillation:
         return 0.125 * total / pixels.shape[0]
 
     def score_gradient(self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, t: torch.Tensor,
-                       generator: torch.Generator, negatives=None, shared=None) -> torch.Tensor:
-        """The configured score's gradient on the latents at timesteps t: SDS (noise drawn from `generator`) or
-        interval score matching (deterministic); `negatives`, `shared`: see `guided_eps`."""
+                       noise: torch.Tensor | None, negatives=None, shared=None) -> torch.Tensor:
+        """The configured score's gradient on the latents at timesteps t, NaNs zeroed and clipped: SDS (with
+        `noise`) or interval score matching (deterministic, `noise` None); `negatives`, `shared`: see
+        `guided_eps`."""
         if self.score == "interval":
-            return interval_score_gradient(
+            gradient = interval_score_gradient(
                 self.backbone, latents, cond, uncond, t, self.guidance_scale, self.weighting, self.interval,
                 self.inversion_stride, negatives, shared,
             )
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        return sds_gradient(self.backbone, latents, cond, uncond, t, noise, self.guidance_scale, self.weighting,
-                            negatives, shared)
+        else:
+            gradient = sds_gradient(self.backbone, latents, cond, uncond, t, noise, self.guidance_scale,
+                                    self.weighting, negatives, shared)
+        gradient = torch.nan_to_num(gradient)
+        return gradient if self.grad_clip is None else gradient.clamp(-self.grad_clip, self.grad_clip)
 
     def __call__(
         self,
@@ -242,15 +247,22 @@ class ScoreDistillation:
         shared=None,
     ) -> tuple[torch.Tensor, dict]:
         """The SDS loss for a batch of renders; `cond`/`uncond` are (B, 77, d) text embeddings; `opacity` weights the
-        colour-only pull (None: every pixel fully); `negatives`, `shared`: see `guided_eps`."""
+        colour-only pull (None: every pixel fully); `negatives`, `shared`: see `guided_eps` (with
+        shared_luminance, the shared prompt's part of the gradient acts on the renders' luminance only)."""
         pixels, latents = self.encode(rgb)
         low, high = self.step_range(iteration)
         batch = latents.shape[0]
         t = torch.randint(low, high + 1, (batch,), generator=generator).to(latents.device)
-        gradient = torch.nan_to_num(self.score_gradient(latents, cond, uncond, t, generator, negatives, shared))
-        if self.grad_clip is not None:
-            gradient = gradient.clamp(-self.grad_clip, self.grad_clip)
+        noise = None
+        if self.score == "sds":
+            noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        split = shared is not None and self.shared_luminance
+        gradient = self.score_gradient(latents, cond, uncond, t, noise, negatives, None if split else shared)
         loss = sds_loss(latents, gradient)
+        if split:
+            part = self.score_gradient(latents, cond, uncond, t, noise, negatives, shared) - gradient
+            pixel_gradient = torch.autograd.grad(sds_loss(latents, part), pixels, retain_graph=True)[0]
+            loss = loss + (pixels * pixel_gradient.mean(dim=1, keepdim=True)).sum()
         recon_weight = self.annealed(self.recon_weight, self.recon_weight_end, iteration)
         chroma_weight = self.annealed(self.recon_chroma_weight, self.recon_chroma_weight_end, iteration)
         if recon_weight > 0 or chroma_weight > 0:

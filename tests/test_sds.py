@@ -93,6 +93,27 @@ def test_shared_prompt_blends_the_two_guidance_directions(backbone, monkeypatch)
                           guided_eps(backbone, noisy, t, own * 0.75 + other * 0.25, uncond, 7.5, negatives))
 
 
+def test_shared_luminance_leaves_the_colour_to_the_assets_own_prompt(backbone):
+    """With shared_luminance the shared prompt changes the renders' gradient equally in the three channels (their
+    brightness and coverage), so the colour is pulled by the asset's own prompt alone; without it, it does not."""
+    generator = torch.Generator().manual_seed(5)
+    rgb = torch.rand(2, 16, 16, 3, generator=generator, requires_grad=True)
+    cond, other, uncond = (torch.randn(2, 77, 32, generator=generator) for _ in range(3))
+
+    def rgb_gradient(guidance, shared):
+        rgb.grad = None
+        loss, _ = guidance(rgb, cond, uncond, 0, torch.Generator().manual_seed(0), shared=shared)
+        loss.backward()
+        return rgb.grad.clone()
+
+    for luminance in (True, False):
+        guidance = ScoreDistillation(backbone, guidance_scale=7.5, shared_luminance=luminance)
+        part = rgb_gradient(guidance, (other, 0.5)) - rgb_gradient(guidance, None)
+        assert part.abs().max() > 1e-4
+        channel_equal = torch.allclose(part[..., :1].expand_as(part), part, atol=1e-6 * part.abs().max().item())
+        assert channel_equal == luminance
+
+
 def test_v_prediction_is_converted_before_guidance(backbone_v, monkeypatch):
     """A v-model that predicts the true velocity yields zero SDS gradient: eps is recovered from v first."""
     latents, noise, t = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.tensor([300])
