@@ -63,8 +63,9 @@ def run(backbone: Backbone, cfg, iterations: int) -> dict:
         with timer("vae encode"):
             pixels, latents = guidance.encode(rgb)
         t = torch.randint(20, 980, (1,), device=device)
+        noise = torch.randn(latents.shape, generator=generator).to(device) if cfg.guidance.score == "sds" else None
         with timer(f"unet ({cfg.guidance.score})"):
-            gradient = guidance.score_gradient(latents, cond, uncond, t, generator)
+            gradient = guidance.score_gradient(latents, cond, uncond, t, noise)
         loss = sds_loss(latents, gradient)
         if guidance.recon_weight > 0:
             with timer("recon decode"):
