@@ -45,6 +45,7 @@ REFS = ROOT / "examples" / "refs" / "cool-mugs"
 GPU_TESTS = (
     "tests/test_nerf_encoding.py::test_tcnn_matches_torch_path",
     "tests/test_nerf_renderer.py::test_nerfacc_path_matches_torch_path",
+    "tests/test_distribution.py::test_prompt_mixture_fitted_on_the_gpu_draws_what_the_cpu_one_draws",
 )
 
 

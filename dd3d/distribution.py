@@ -71,8 +71,8 @@ def blend(components: list[Gaussian], weights: torch.Tensor) -> Gaussian:
 
 def nearest_weighted(points: torch.Tensor, weights: torch.Tensor, neighbours: int) -> torch.Tensor:
     """For each of the K points (K, ...), the indices (K, n) of its `neighbours` nearest (Euclidean) among those with
-    positive weight, itself included when it has one."""
-    flat = points.flatten(1).double()
+    positive weight, itself included when it has one; computed on the CPU, where mixture weights live."""
+    flat = points.flatten(1).double().cpu()
     distance = torch.cdist(flat, flat).masked_fill(weights[None, :] <= 0, float("inf"))
     return distance.topk(min(neighbours, int((weights > 0).sum())), dim=1, largest=False).indices
 
@@ -82,12 +82,14 @@ def local_means(hidden: torch.Tensor, weights: torch.Tensor, neighbours: int) ->
     with positive weight, itself included when it has one; (K, 77, d)."""
     nearest = nearest_weighted(hidden, weights, neighbours)
     local = torch.zeros(len(hidden), len(hidden), dtype=torch.double).scatter_(1, nearest, 1.0) * weights.double()
-    return ((local / local.sum(1, keepdim=True)) @ hidden.flatten(1).double()).to(hidden.dtype).view_as(hidden)
+    local = (local / local.sum(1, keepdim=True)).to(hidden.device)
+    return (local @ hidden.flatten(1).double()).to(hidden.dtype).view_as(hidden)
 
 
 @dataclass
 class Mixture:
-    """A true mixture: component i with probability w_i, then a draw from that component."""
+    """A true mixture: component i with probability w_i, then a draw from that component. The weights (K,) stay
+    on the CPU (they index and are drawn there); the components live where the encoder ran."""
 
     components: list[Gaussian]
     weights: torch.Tensor
@@ -104,8 +106,11 @@ class Mixture:
         that a prompt is denoised within its own mode instead of being pulled towards the others'."""
         spread = Gaussian.from_hidden(hidden).std * bandwidth
         weights = torch.full((len(hidden),), 1.0 / len(hidden)) if weights is None else weights / weights.sum()
-        weights = weights.float()
-        targets = local_means(hidden, weights, neighbours) if neighbours else (weights[:, None, None] * hidden).sum(0)
+        weights = weights.float().cpu()
+        if neighbours:
+            targets = local_means(hidden, weights, neighbours)
+        else:
+            targets = (weights.to(hidden.device)[:, None, None] * hidden).sum(0)
         means = hidden + shrink * (targets - hidden)
         return cls([Gaussian(row, spread * (1.0 - shrink)) for row in means], weights)
 
@@ -144,7 +149,7 @@ class Mixture:
         positions (i + u) / n for i < n are systematic sampling, so n draws cover the components' main variation in
         proportion to their weights instead of repeating one part of it."""
         weights = self.weights.double() / self.weights.double().sum()
-        means = torch.stack([g.mean.flatten() for g in self.components]).double()
+        means = torch.stack([g.mean.flatten() for g in self.components]).double().cpu()
         centred = means - (weights[:, None] * means).sum(0)
         axis = torch.linalg.svd(centred * weights.sqrt()[:, None], full_matrices=False)[2][0]
         order = torch.argsort(centred @ axis)

@@ -52,6 +52,6 @@ class ViewPrompts:
         rows, weights = [], []
         for i, view in enumerate(views):
             drawn = [self.draw([other], eps[i : i + 1], uniforms[i : i + 1])[0][0] for other in OTHER_VIEWS[view]]
-            rows.append(torch.stack(drawn + [torch.zeros(self.shape)] * (2 - len(drawn))))
+            rows.append(torch.stack(drawn + [self.uncond.new_zeros(self.shape)] * (2 - len(drawn))))
             weights.append([weight] * len(drawn) + [0.0] * (2 - len(drawn)))
         return torch.stack(rows), torch.tensor(weights)

@@ -187,3 +187,18 @@ def test_prompts_learned_with_view_words_keep_them_unless_a_view_is_named(backbo
     assert torch.allclose(loaded.fit(backbone, view="side").mean, side.mean(0), atol=1e-6)
     dist.views = None  # without view words the training template is the prompt as learned
     assert torch.allclose(dist.encode(backbone), dist.encoder(backbone)(dist.ctx)[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prompt_mixture_fitted_on_the_gpu_draws_what_the_cpu_one_draws():
+    # The encoder runs on the GPU there, so the mixture's components live there while its weights stay on the CPU.
+    hidden, shares = two_mode_hidden(8), torch.tensor([1.0, 2.0, 1.0, 0.0, 1.0, 1.0, 3.0, 1.0])
+    cpu = Mixture.of_prompts(hidden, 0.5, shares, shrink=0.3, neighbours=3)
+    gpu = Mixture.of_prompts(hidden.cuda(), 0.5, shares, shrink=0.3, neighbours=3)
+    assert gpu.components[0].mean.is_cuda and not gpu.weights.is_cuda
+    assert gpu.spread_uniform(0.3) == pytest.approx(cpu.spread_uniform(0.3))
+    for (a, b) in zip(gpu.neighbour_uniforms(0.4, 3), cpu.neighbour_uniforms(0.4, 3)):
+        assert torch.allclose(a, b)
+    assert torch.allclose(draw(gpu, 50).cpu(), draw(cpu, 50), atol=1e-5)
+    pooled = Mixture.of_prompts(hidden.cuda(), 0.5, shares, shrink=0.3)
+    assert torch.allclose(pooled.mean.cpu(), Mixture.of_prompts(hidden, 0.5, shares, shrink=0.3).mean, atol=1e-5)

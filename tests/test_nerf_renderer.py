@@ -163,8 +163,8 @@ def test_nerfacc_path_matches_torch_path():
     ball = Ball(sigma=3.0)
     grid = OccupancyGrid(resolution=32, warmup_steps=0).cuda()
     grid.update(0, ball.density)
-    fast = VolumeRenderer(num_steps=256, backend="nerfacc").eval()(ball, origins, directions, occupancy=grid)
-    slow = VolumeRenderer(num_steps=256, backend="torch").eval()(ball, origins, directions, occupancy=grid)
+    fast = VolumeRenderer(num_steps=256, backend="nerfacc").cuda().eval()(ball, origins, directions, occupancy=grid)
+    slow = VolumeRenderer(num_steps=256, backend="torch").cuda().eval()(ball, origins, directions, occupancy=grid)
     step = 2 * math.sqrt(3) / 256
     assert (fast["opacity"] - slow["opacity"]).abs().max() <= 2 * ball.sigma * step  # samples may be offset
     expected = 1 - torch.exp(-ball.sigma * chord_through_ball(origins, directions, ball.size))
