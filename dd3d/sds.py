@@ -15,9 +15,10 @@ from dd3d.cli import UserError
 
 def guided_eps(backbone: Backbone, noisy, t, cond, uncond, guidance_scale: float, negatives=None,
                shared=None) -> torch.Tensor:
-    """The classifier-free-guided noise estimate at `noisy` (no grad). `shared`: (embeddings (B, 77, d), weight w) of
-    a second prompt whose guidance direction is blended in, (1 - w) (cond's) + w (its), as composable diffusion adds
-    conditions (Liu et al. 2022). `negatives`: (embeddings (B, J, 77, d),
+    """The classifier-free-guided noise estimate at `noisy` (no grad). `shared`: (embeddings (B, 77, d), w) of a
+    second prompt whose guidance direction is blended in, (1 - w) (cond's) + w (its), as composable diffusion adds
+    conditions (Liu et al. 2022); w may be a tuple of weights, for one estimate per weight stacked (n, B, ...) from
+    the same UNet evaluation. `negatives`: (embeddings (B, J, 77, d),
     weights (B, J)) of prompts to steer away from, Perp-Neg style (Armandpour et al. 2023): each one's guidance
     direction less its part along the positive direction, times its weight, is taken off the positive direction, so
     what the prompts share (the object) is kept and only what sets them apart (the view) is pushed apart."""
@@ -34,16 +35,20 @@ def guided_eps(backbone: Backbone, noisy, t, cond, uncond, guidance_scale: float
     batch = torch.cat([noisy] * count), torch.cat([t] * count)
     out = backbone.predict(*batch, torch.cat([*conds, uncond])).float()
     eps_all = backbone.eps_from_prediction(out, *batch).chunk(count)
-    eps_uncond, positive = eps_all[-1], eps_all[0] - eps_all[-1]
-    if shared is not None:
-        positive = (1 - shared[1]) * positive + shared[1] * (eps_all[-2] - eps_uncond)
-    if negatives is not None:
-        flat = positive.flatten(1)
-        for eps_negative, weight in zip(eps_all[1 : 1 + weights.shape[1]], weights.to(positive).unbind(1)):
-            away = (eps_negative - eps_uncond).flatten(1)
-            along = (away * flat).sum(1, keepdim=True) / flat.square().sum(1, keepdim=True).clamp(min=1e-12)
-            positive = positive - (weight[:, None] * (away - along * flat)).view_as(positive)
-    return eps_uncond + guidance_scale * positive
+    eps_uncond, own = eps_all[-1], eps_all[0] - eps_all[-1]
+    stacked = shared is not None and isinstance(shared[1], tuple)
+    blends = shared[1] if stacked else [0.0 if shared is None else shared[1]]
+    estimates = []
+    for blend in blends:
+        positive = own if blend == 0 else (1 - blend) * own + blend * (eps_all[-2] - eps_uncond)
+        if negatives is not None:
+            flat = positive.flatten(1)
+            for eps_negative, weight in zip(eps_all[1 : 1 + weights.shape[1]], weights.to(positive).unbind(1)):
+                away = (eps_negative - eps_uncond).flatten(1)
+                along = (away * flat).sum(1, keepdim=True) / flat.square().sum(1, keepdim=True).clamp(min=1e-12)
+                positive = positive - (weight[:, None] * (away - along * flat)).view_as(positive)
+        estimates.append(eps_uncond + guidance_scale * positive)
+    return torch.stack(estimates) if stacked else estimates[0]
 
 
 def score_weight(backbone: Backbone, t: torch.Tensor, weighting: str) -> torch.Tensor:
@@ -256,13 +261,14 @@ class ScoreDistillation:
         noise = None
         if self.score == "sds":
             noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        split = shared is not None and self.shared_luminance
-        gradient = self.score_gradient(latents, cond, uncond, t, noise, negatives, None if split else shared)
-        loss = sds_loss(latents, gradient)
-        if split:
-            part = self.score_gradient(latents, cond, uncond, t, noise, negatives, shared) - gradient
+        if shared is not None and self.shared_luminance:  # without and with the shared prompt, one UNet pass
+            both = self.score_gradient(latents, cond, uncond, t, noise, negatives, (shared[0], (0.0, shared[1])))
+            gradient, part = both[0], both[1] - both[0]
             pixel_gradient = torch.autograd.grad(sds_loss(latents, part), pixels, retain_graph=True)[0]
-            loss = loss + (pixels * pixel_gradient.mean(dim=1, keepdim=True)).sum()
+            loss = sds_loss(latents, gradient) + (pixels * pixel_gradient.mean(dim=1, keepdim=True)).sum()
+        else:
+            gradient = self.score_gradient(latents, cond, uncond, t, noise, negatives, shared)
+            loss = sds_loss(latents, gradient)
         recon_weight = self.annealed(self.recon_weight, self.recon_weight_end, iteration)
         chroma_weight = self.annealed(self.recon_chroma_weight, self.recon_chroma_weight_end, iteration)
         if recon_weight > 0 or chroma_weight > 0:
