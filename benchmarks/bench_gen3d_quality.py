@@ -117,7 +117,7 @@ def main(argv=None) -> None:
     for kind in args.kinds:
         folder, seconds, start_iou = ((args.out / kind, 0.0, None) if args.reuse
                                       else run_asset(kind, args.out, overrides, args.from_truth))
-        metrics, _ = ev.evaluate_asset(oracle, ev.asset_checkpoints(folder)[0], kind, {COLOUR_OF[kind]})
+        metrics, _ = ev.evaluate_asset(oracle, ev.asset_checkpoints(folder)[0], {kind}, {COLOUR_OF[kind]})
         geometry, look, truth = metrics["geometry"], metrics["appearance"], metrics["truth_appearance"]
         results[kind] = {"seconds": seconds, "start_iou": start_iou, **metrics}
         rows.append((kind, COLOUR_OF[kind], geometry["iou"], geometry["ball_iou"], geometry["iou_over_ball"],

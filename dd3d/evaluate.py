@@ -433,11 +433,15 @@ def best_ball(occupied: torch.Tensor, points: torch.Tensor) -> dict:
 
 def evaluate_geometry(density_fn, kind: str, radius: float = 1.0, resolution: int = GRID_RESOLUTION) -> dict:
     """Every geometry number of a density field against the world's `kind`."""
-    occupied = field_occupancy(density_fn, radius, resolution)
+    return occupancy_geometry(field_occupancy(density_fn, radius, resolution), kind, radius)
+
+
+def occupancy_geometry(occupied: torch.Tensor, kind: str, radius: float) -> dict:
+    """Every geometry number of occupied voxels (`field_occupancy`) against the world's `kind`."""
     canonical = best_fit(occupied, kind, radius)
     turned = best_fit(occupied, kind, radius, turns=range(4))
     others = {other: best_fit(occupied, other, radius, turns=range(4))["iou"] for other in KINDS}
-    ball = best_ball(occupied, lattice(radius, resolution))
+    ball = best_ball(occupied, lattice(radius, len(occupied)))
     return {
         "iou": canonical["iou"], "scale": canonical["scale"], "haze": canonical["haze"],
         "iou_best_turn": turned["iou"], "best_turn": turned["turn"],
@@ -498,17 +502,23 @@ def truth_frames(cfg, kind: str, colour: str, count: int = FRAMES, size: int = 6
 def evaluate_appearance(oracle, frames: dict[str, list[Image.Image]], views: list[str], kind: str,
                         colours: set[str]) -> dict:
     """Per shading: how many frames the oracle reads as the kind, as a reference colour, and as the camera's view."""
-    out = {}
-    for shading, images in frames.items():
-        labels = read_images(oracle, images).labels
-        out[shading] = {
-            "frames": len(images),
+    readings = {shading: read_images(oracle, images).labels for shading, images in frames.items()}
+    return count_appearance(readings, views, kind, colours)
+
+
+def count_appearance(readings: dict[str, dict[str, list[str]]], views: list[str], kind: str,
+                     colours: set[str]) -> dict:
+    """The oracle's labels per shading -> the counts `evaluate_appearance` reports."""
+    return {
+        shading: {
+            "frames": len(labels["kind"]),
             "kind": sum(k == kind for k in labels["kind"]),
             "colour": sum(c in colours for c in labels["colour"]),
             "view": sum(v == w for v, w in zip(labels["view"], views)),
             "labels": {name: labels[name] for name in ("kind", "colour", "view")},
         }
-    return out
+        for shading, labels in readings.items()
+    }
 
 
 def mesh_metrics(folder: Path) -> dict | None:
@@ -538,18 +548,34 @@ def asset_checkpoints(target: Path) -> list[Path]:
     return found
 
 
-def evaluate_asset(oracle, checkpoint: Path, kind: str, colours: set[str],
+def asset_kind(readings: dict[str, dict[str, list[str]]], kinds: set[str], occupied: torch.Tensor,
+               radius: float) -> str:
+    """Of `kinds`, the one the oracle's readings of an asset's frames name most often; when they name none of
+    them, the one whose true shape the occupied voxels fit best (any quarter turn)."""
+    read = Counter(k for labels in readings.values() for k in labels["kind"] if k in kinds)
+    if read:
+        return max(sorted(kinds), key=lambda k: read[k])
+    return max(sorted(kinds), key=lambda k: best_fit(occupied, k, radius, turns=range(4))["iou"])
+
+
+def evaluate_asset(oracle, checkpoint: Path, kinds: set[str], colours: set[str],
                    resolution: int = GRID_RESOLUTION) -> tuple[dict, dict]:
-    """All 3D numbers of one asset, and its frames (for the report)."""
+    """All 3D numbers of one asset, and its frames (for the report). Its true kind is the one of `kinds` (the
+    references' kinds, or the one asked for) that the oracle reads most often on its frames -- any kind the
+    references show is a right one, as any of their colours is -- or, when it reads none of them, the one whose
+    true shape it fits best."""
     from dd3d.gen3d import load_scene
 
     scene, cfg = load_scene(checkpoint)
     folder = checkpoint.parent.parent
-    with torch.no_grad():
-        geometry = evaluate_geometry(lambda p: scene.field.density(p.to(next(scene.parameters()).device)),
-                                     kind, float(cfg.field.radius), resolution)
     frames, views = asset_frames(scene, cfg)
-    appearance = evaluate_appearance(oracle, frames, views, kind, colours)
+    readings = {shading: read_images(oracle, images).labels for shading, images in frames.items()}
+    with torch.no_grad():
+        occupied = field_occupancy(lambda p: scene.field.density(p.to(next(scene.parameters()).device)),
+                                   float(cfg.field.radius), resolution)
+    kind = asset_kind(readings, kinds, occupied, float(cfg.field.radius))
+    geometry = occupancy_geometry(occupied, kind, float(cfg.field.radius))
+    appearance = count_appearance(readings, views, kind, colours)
     majority = Counter(appearance["albedo"]["labels"]["colour"]).most_common(1)[0][0]
     truth = evaluate_appearance(oracle, truth_frames(cfg, kind, majority), views, kind, colours)
     return {"folder": str(folder), "step": int(re.sub(r"\D", "", checkpoint.stem)), "kind": kind,
@@ -558,12 +584,14 @@ def evaluate_asset(oracle, checkpoint: Path, kind: str, colours: set[str],
 
 
 def asset_spread(assets: list[dict], ref_labels: dict[str, list[str]]) -> dict:
-    """Several assets: their colours (the oracle's majority over albedo frames) and best-fit scales against the
-    references' colours and scales (README scales when present)."""
-    colours = histogram([a["colour"] for a in assets], COLOUR_NAMES)
-    ref_colours = histogram(ref_labels["colour"], COLOUR_NAMES)
-    out = {"colours": {"assets": colours, "references": ref_colours, "tv": total_variation(ref_colours, colours)},
-           "scales": [a["geometry"]["scale"] for a in assets]}
+    """Several assets: their kinds and colours (the oracle's majority over albedo frames) and best-fit scales
+    against the references' kinds, colours and scales (README scales when present)."""
+    out = {}
+    for name, values, names in (("kinds", [a["kind"] for a in assets], KINDS),
+                                ("colours", [a["colour"] for a in assets], COLOUR_NAMES)):
+        ours, theirs = histogram(values, names), histogram(ref_labels[name[:-1]], names)
+        out[name] = {"assets": ours, "references": theirs, "tv": total_variation(theirs, ours)}
+    out["scales"] = [a["geometry"]["scale"] for a in assets]
     if "scale" in ref_labels:
         out["reference_scales"] = [float(s) for s in ref_labels["scale"]]
         out["reference_sizes"] = histogram([size_word(float(s)) or "medium" for s in ref_labels["scale"]], SIZES)

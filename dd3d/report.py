@@ -156,8 +156,10 @@ def format_table(metrics: dict) -> str:
                          f"{'watertight' if mesh['watertight'] else 'not watertight'}")
     spread = metrics.get("3d", {}).get("spread")
     if spread:
-        lines.append(f"3D spread: asset colours {_counts([a['colour'] for a in metrics['3d']['assets']])}, "
-                     f"TV to the references' colours {spread['colours']['tv']:.2f}")
+        assets = metrics["3d"]["assets"]
+        lines.append(f"3D spread: asset kinds {_counts([a['kind'] for a in assets])}, TV to the references' kinds "
+                     f"{spread['kinds']['tv']:.2f}; colours {_counts([a['colour'] for a in assets])}, TV to the "
+                     f"references' colours {spread['colours']['tv']:.2f}")
     missed = [row for row in metrics.get("bars", []) if not row["met"]]
     lines.append(f"bars: {sum(r['met'] for r in metrics.get('bars', []))} of {len(metrics.get('bars', []))} met")
     for row in missed:
@@ -260,9 +262,9 @@ def run_evaluation(refs: Path, samples: Path | None = None, asset: Path | None =
     oracle = Oracle.load() if use_oracle or asset is not None else None
     labels = ev.reference_reading(oracle, refs, ref_images)[0] if oracle is not None else None
     if checkpoints:
-        kind = kind or Counter(labels["kind"]).most_common(1)[0][0]
-        if kind not in ev.KINDS:
+        if kind is not None and kind not in ev.KINDS:
             raise UserError(f"the world has no kind '{kind}'; kinds: {', '.join(ev.KINDS)}")
+        kinds = {kind} if kind else set(labels["kind"]) & set(ev.KINDS) or set(ev.KINDS)
     if sample_images is not None:
         images["samples"] = sample_images
         if use_oracle:
@@ -278,7 +280,7 @@ def run_evaluation(refs: Path, samples: Path | None = None, asset: Path | None =
     if checkpoints:
         assets = []
         for checkpoint in checkpoints:
-            result, asset_images = ev.evaluate_asset(oracle, checkpoint, kind, set(labels["colour"]), grid)
+            result, asset_images = ev.evaluate_asset(oracle, checkpoint, kinds, set(labels["colour"]), grid)
             assets.append(result)
             frames.append(asset_images)
         metrics["3d"] = {"assets": assets}
@@ -294,7 +296,8 @@ def main(argv=None) -> None:
     parser.add_argument("--refs", type=Path, required=True, help="folder of reference images")
     parser.add_argument("--samples", type=Path, help="folder of generated images (e.g. a sample2d run)")
     parser.add_argument("--asset", type=Path, help="gen3d run folder (one asset, or sample-N folders)")
-    parser.add_argument("--kind", help="the world kind the asset should be (default: the references' majority)")
+    parser.add_argument("--kind", help="the world kind the asset should be (default: any of the references' kinds, "
+                        "the one the oracle reads most on the asset)")
     parser.add_argument("--features", nargs="+", default=[], metavar="ENCODER",
                         help="image encoders (hub id or local folder) for CLIP-I / DINO, FID, density, coverage")
     parser.add_argument("--ceiling", type=int, default=32,

@@ -77,6 +77,17 @@ def test_geometry_of_the_true_object_a_haze_a_turned_object_and_a_ball():
     assert empty["fill"] == 0 and empty["iou"] == 0
 
 
+def test_an_asset_of_a_multi_kind_set_is_judged_as_the_reference_kind_it_reads_as():
+    """Any of the references' kinds is a right one (as any of their colours is): the asset is measured against the
+    one the oracle reads most on its frames, and, when it reads none of them, against the one its shape fits."""
+    snowman = ev.field_occupancy(solid_density("snowman"), 1.0, RESOLUTION)
+    reads = {"albedo": {"kind": ["lamp"] * 5 + ["snowman", "car", "car"]}, "shaded": {"kind": ["car"] * 8}}
+    assert ev.asset_kind(reads, {"snowman", "lamp", "mug"}, snowman, 1.0) == "lamp"  # car: not a reference kind
+    assert ev.asset_kind(reads, {"snowman", "mug"}, snowman, 1.0) == "snowman"
+    unread = {"albedo": {"kind": ["other"] * 8}, "shaded": {"kind": ["car"] * 8}}
+    assert ev.asset_kind(unread, {"house", "snowman", "mug"}, snowman, 1.0) == "snowman"
+
+
 def test_a_kind_the_world_lacks_is_refused():
     with pytest.raises(ev.UserError, match="no kind 'dragon'"):
         ev.object_distance("dragon", 1.0, 1.0, 4)
