@@ -142,7 +142,8 @@ def test_plain_prompt_and_several_assets(tiny_model, tmp_path, capsys):
 def test_asset_shared_blends_in_a_fresh_draw_of_the_whole_distribution(tiny_model, dist_file, tmp_path, capsys,
                                                                      monkeypatch):
     """With --num-samples and asset_shared, each step's guidance also gets a draw that changes every step (the
-    whole distribution's), while the asset's own stays close; a single asset (fresh draws already) gets none."""
+    whole distribution's), while the asset's own stays close; a single asset drawing afresh every step
+    (prompt_draw=per_iteration) gets none, one that keeps its own draw (per_asset) gets it too."""
     from dd3d import sds
 
     seen = []
@@ -160,8 +161,11 @@ def test_asset_shared_blends_in_a_fresh_draw_of_the_whole_distribution(tiny_mode
     assert weight == 0.5
     assert (shared_a - shared_b).norm() > 2 * (own_a - own_b).norm()
     seen.clear()
-    assert cli(main, [*common, "--out", tmp_path / "one"], capsys)[0] == 0
+    assert cli(main, [*common, "prompt_draw=per_iteration", "--out", tmp_path / "one"], capsys)[0] == 0
     assert all(shared is None for _, shared in seen)
+    seen.clear()
+    assert cli(main, [*common, "prompt_draw=per_asset", "--out", tmp_path / "own"], capsys)[0] == 0
+    assert all(shared is not None for _, shared in seen)
 
 
 def test_fp16_model_trains_the_fp32_scene_on_cpu(tiny_model, dist_file, tmp_path, capsys):
