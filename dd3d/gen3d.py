@@ -325,7 +325,7 @@ def train_asset(cfg: DictConfig, backbone, prompts: ViewPrompts, asset: int, fol
         if cfg.view_negative > 0:
             negatives = [x.to(device) for x in prompts.negatives(cameras.views, eps, uniforms, cfg.view_negative)]
         shared = None
-        if cfg.asset_shared > 0 and noise.mode == "per_asset":
+        if cfg.asset_shared > 0 and noise.mode == "per_asset" and not cfg.prompt:  # a plain prompt is its own mixture
             fresh = torch.randn(eps.shape, generator=generator), torch.rand(len(cameras), generator=generator)
             shared = prompts.draw(cameras.views, *fresh)[0].to(device), cfg.asset_shared
         sds, info = guidance(out["rgb"], cond.to(device), uncond.to(device), step, generator, out["opacity"],

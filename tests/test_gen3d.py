@@ -143,7 +143,7 @@ def test_asset_shared_blends_in_a_fresh_draw_of_the_whole_distribution(tiny_mode
                                                                      monkeypatch):
     """With --num-samples and asset_shared, each step's guidance also gets a draw that changes every step (the
     whole distribution's), while the asset's own stays close; a single asset drawing afresh every step
-    (prompt_draw=per_iteration) gets none, one that keeps its own draw (per_asset) gets it too."""
+    (prompt_draw=per_iteration) gets none, one that keeps its own draw (per_asset) gets it too, a plain prompt none."""
     from dd3d import sds
 
     seen = []
@@ -166,6 +166,10 @@ def test_asset_shared_blends_in_a_fresh_draw_of_the_whole_distribution(tiny_mode
     seen.clear()
     assert cli(main, [*common, "prompt_draw=per_asset", "--out", tmp_path / "own"], capsys)[0] == 0
     assert all(shared is not None for _, shared in seen)
+    seen.clear()  # a plain prompt has nothing to share: no extra guidance for it
+    text = ["--prompt", "a red car", *common[2:], "prompt_draw=per_asset", "--out", tmp_path / "text"]
+    assert cli(main, text, capsys)[0] == 0
+    assert seen and all(shared is None for _, shared in seen)
 
 
 def test_fp16_model_trains_the_fp32_scene_on_cpu(tiny_model, dist_file, tmp_path, capsys):
