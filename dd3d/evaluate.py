@@ -502,8 +502,12 @@ def truth_frames(cfg, kind: str, colour: str, count: int = FRAMES, size: int = 6
 def evaluate_appearance(oracle, frames: dict[str, list[Image.Image]], views: list[str], kind: str,
                         colours: set[str]) -> dict:
     """Per shading: how many frames the oracle reads as the kind, as a reference colour, and as the camera's view."""
-    readings = {shading: read_images(oracle, images).labels for shading, images in frames.items()}
-    return count_appearance(readings, views, kind, colours)
+    return count_appearance(frame_readings(oracle, frames), views, kind, colours)
+
+
+def frame_readings(oracle, frames: dict[str, list[Image.Image]]) -> dict[str, dict[str, list[str]]]:
+    """The oracle's labels (kind, colour, view, ...) of each shading's frames."""
+    return {shading: read_images(oracle, images).labels for shading, images in frames.items()}
 
 
 def count_appearance(readings: dict[str, dict[str, list[str]]], views: list[str], kind: str,
@@ -569,7 +573,7 @@ def evaluate_asset(oracle, checkpoint: Path, kinds: set[str], colours: set[str],
     scene, cfg = load_scene(checkpoint)
     folder = checkpoint.parent.parent
     frames, views = asset_frames(scene, cfg)
-    readings = {shading: read_images(oracle, images).labels for shading, images in frames.items()}
+    readings = frame_readings(oracle, frames)
     with torch.no_grad():
         occupied = field_occupancy(lambda p: scene.field.density(p.to(next(scene.parameters()).device)),
                                    float(cfg.field.radius), resolution)
