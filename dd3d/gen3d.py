@@ -323,7 +323,8 @@ def train_asset(cfg: DictConfig, backbone, prompts: ViewPrompts, asset: int, fol
         cond, uncond = prompts.draw(cameras.views, eps, uniforms)
         negatives = None
         if cfg.view_negative > 0:
-            negatives = [x.to(device) for x in prompts.negatives(cameras.views, eps, uniforms, cfg.view_negative)]
+            negatives = [x.to(device) for x in prompts.negatives(cameras.views, cameras.azimuth_deg, eps, uniforms,
+                                                                        cfg.view_negative)]
         shared = None
         if cfg.asset_shared > 0 and noise.mode == "per_asset" and not cfg.prompt:  # a plain prompt is its own mixture
             fresh = torch.randn(eps.shape, generator=generator), torch.rand(len(cameras), generator=generator)

@@ -10,9 +10,23 @@ import torch
 from omegaconf import DictConfig
 
 from dd3d.distribution import VIEWS, Gaussian, Mixture, build_sampler
+from dd3d.nerf.cameras import wrap_azimuth
 
-# The views each camera's view is steered away from with `view_negative` (Perp-Neg): the other azimuth sectors.
-OTHER_VIEWS = {"front": ("back",), "side": ("front", "back"), "back": ("front",), "overhead": ()}
+# Perp-Neg's negatives: the azimuth sectors' view words, each with the centre of its sector (side: either flank).
+SECTOR_CENTRES = {"front": (0.0,), "side": (90.0, -90.0), "back": (180.0,)}
+
+
+def negative_weights(azimuths: torch.Tensor, views: list[str], weight: float) -> torch.Tensor:
+    """(B, 3) weights of the SECTOR_CENTRES views as negatives for cameras at these azimuths (degrees): 0 up to 45
+    degrees from a view's centre (the camera's own view), rising linearly to `weight` at 90 degrees and beyond, as
+    Perp-Neg's 3D recipe weighs a negative by how far the camera is from it (a camera near a sector's edge is barely
+    pushed from the view next to it); overhead cameras get none."""
+    columns = []
+    for centres in SECTOR_CENTRES.values():
+        offset = torch.stack([wrap_azimuth(azimuths.float() - centre).abs() for centre in centres]).amin(0)
+        columns.append(weight * ((offset - 45.0) / 45.0).clamp(0.0, 1.0))
+    weights = torch.stack(columns, dim=1)
+    return weights * torch.tensor([view != "overhead" for view in views], dtype=weights.dtype)[:, None]
 
 
 class ViewPrompts:
@@ -44,14 +58,10 @@ class ViewPrompts:
         )
         return cond, self.uncond.expand(len(views), -1, -1)
 
-    def negatives(self, views: list[str], eps: torch.Tensor, uniforms: torch.Tensor,
+    def negatives(self, views: list[str], azimuths: torch.Tensor, eps: torch.Tensor, uniforms: torch.Tensor,
                   weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """For each camera, the same draw (eps, uniform) under the other azimuth sectors' view words (OTHER_VIEWS):
-        embeddings (B, 2, 77, d) and their weights (B, 2); a camera with fewer than two is padded with zeros at
-        weight 0 (`guided_eps` skips what has weight 0 throughout)."""
-        rows, weights = [], []
-        for i, view in enumerate(views):
-            drawn = [self.draw([other], eps[i : i + 1], uniforms[i : i + 1])[0][0] for other in OTHER_VIEWS[view]]
-            rows.append(torch.stack(drawn + [self.uncond.new_zeros(self.shape)] * (2 - len(drawn))))
-            weights.append([weight] * len(drawn) + [0.0] * (2 - len(drawn)))
-        return torch.stack(rows), torch.tensor(weights)
+        """For each camera, the same draw (eps, uniform) under the front, side and back view words: embeddings
+        (B, 3, 77, d) and their weights as negatives (B, 3) (`negative_weights`; `guided_eps` skips a negative that
+        has weight 0 for every camera)."""
+        embeddings = torch.stack([self.draw([view] * len(views), eps, uniforms)[0] for view in SECTOR_CENTRES], dim=1)
+        return embeddings, negative_weights(azimuths, views, weight)

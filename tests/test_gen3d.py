@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from dd3d.distribution import Gaussian, Mixture, PromptDistribution
 from dd3d.gen3d import PromptNoise, export_main, main
-from dd3d.view_prompts import VIEWS, ViewPrompts
+from dd3d.view_prompts import VIEWS, ViewPrompts, negative_weights
 from tests.conftest import run_cli
 
 SMALL = [
@@ -46,16 +46,30 @@ def test_view_prompts_use_the_view_template_and_empty_uncond(backbone, dist_file
     assert set(prompts.samplers) == set(VIEWS)
 
 
-def test_view_negatives_are_the_same_draw_under_the_other_sectors_words(backbone, dist_file):
+def test_view_negatives_are_the_same_draw_under_the_sectors_words(backbone, dist_file):
     cfg = OmegaConf.create({"dists": [str(dist_file)], "weights": None, "mix": "blend", "std_scale": [1.0],
                             "prefix": None, "suffix": None, "class_index": None})
     prompts = ViewPrompts.from_distributions(cfg, backbone)
-    views, eps, uniforms = ["front", "side", "overhead"], torch.randn(3, 77, 32), torch.rand(3)
-    embeddings, weights = prompts.negatives(views, eps, uniforms, 2.0)
-    as_view = lambda view, i: prompts.draw([view], eps[i : i + 1], uniforms[i : i + 1])[0][0]  # noqa: E731
-    assert weights.tolist() == [[2.0, 0.0], [2.0, 2.0], [0.0, 0.0]]
-    assert torch.equal(embeddings[0, 0], as_view("back", 0))
-    assert torch.equal(embeddings[1, 0], as_view("front", 1)) and torch.equal(embeddings[1, 1], as_view("back", 1))
+    views, eps, uniforms = ["front", "side"], torch.randn(2, 77, 32), torch.rand(2)
+    embeddings, weights = prompts.negatives(views, torch.tensor([0.0, 100.0]), eps, uniforms, 2.0)
+    for i in range(2):
+        for j, view in enumerate(("front", "side", "back")):
+            assert torch.equal(embeddings[i, j], prompts.draw([view], eps[i : i + 1], uniforms[i : i + 1])[0][0])
+    assert torch.equal(weights, negative_weights(torch.tensor([0.0, 100.0]), views, 2.0))
+
+
+def test_a_negative_weighs_by_the_cameras_distance_from_its_view():
+    azimuths = torch.tensor([0.0, 30.0, 90.0, -120.0, 180.0, 10.0])
+    weights = negative_weights(azimuths, ["front", "front", "side", "side", "back", "overhead"], 1.0)
+    expected = [  # columns: front, side, back
+        [0.0, 1.0, 1.0],  # at the front: pushed from the side and the back in full
+        [0.0, 1 / 3, 1.0],  # near the side sector: barely from the side
+        [1.0, 0.0, 1.0],
+        [1.0, 0.0, 1 / 3],
+        [1.0, 1.0, 0.0],
+        [0.0, 0.0, 0.0],  # overhead: none
+    ]
+    assert torch.allclose(weights, torch.tensor(expected))
 
 
 def gaussian_prompts() -> ViewPrompts:
