@@ -15,8 +15,8 @@ from dd3d.files import atomic_write
 from dd3d.prompts import SoftPromptEncoder
 
 FILE_KIND = "dd3d-prompt-distribution"
-FORMAT_VERSION = 4  # 2 added the optional per-prompt `weights` and the `sampler` metadata, 3 the optional per-prompt
-                    # `views` (then always learned with view words), 4 the `view_words` flag; 1 to 3 are still read
+FORMAT_VERSION = 3  # 2 added the optional per-prompt `weights` and the `sampler` metadata, 3 the optional per-prompt
+                    # `views`; 1 and 2 are still read
 SAMPLERS = ("gaussian", "prompts")
 VIEWS = ("front", "side", "back", "overhead")  # the view words of stage 2's template (and of `views`)
 
@@ -93,11 +93,10 @@ class Mixture:
 
     components: list[Gaussian]
     weights: torch.Tensor
-    views: tuple[str, ...] | None = None  # the view each component's references show (PromptDistribution.views)
 
     @classmethod
     def of_prompts(cls, hidden: torch.Tensor, bandwidth: float, weights: torch.Tensor | None = None,
-                   shrink: float = 0.0, neighbours: int = 0, views: tuple[str, ...] | None = None) -> "Mixture":
+                   shrink: float = 0.0, neighbours: int = 0) -> "Mixture":
         """One component per prompt, centred on its encoder output (K, 77, d), all with the spread `bandwidth` times
         the K prompts' std: the prompts' modes stay apart instead of blending into one Gaussian. Weights (K,) are
         the prompts' shares (uniform when None). `shrink` pulls every component that fraction of the way to a
@@ -113,7 +112,7 @@ class Mixture:
         else:
             targets = (weights.to(hidden.device)[:, None, None] * hidden).sum(0)
         means = hidden + shrink * (targets - hidden)
-        return cls([Gaussian(row, spread * (1.0 - shrink)) for row in means], weights, views)
+        return cls([Gaussian(row, spread * (1.0 - shrink)) for row in means], weights)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -126,7 +125,6 @@ class Mixture:
         return Mixture(
             [Gaussian(centre + std_scale * (g.mean - centre), g.std * std_scale) for g in self.components],
             self.weights,
-            self.views,
         )
 
     def moment_matched(self) -> Gaussian:
@@ -137,15 +135,13 @@ class Mixture:
 
     @classmethod
     def combine(cls, parts: list["Gaussian | Mixture"], weights: torch.Tensor) -> "Mixture":
-        """A mixture of distributions (each a Gaussian or a mixture), flattened to its components; the components'
-        views are kept when every part has them."""
-        components, flat, views = [], [], []
+        """A mixture of distributions (each a Gaussian or a mixture), flattened to its components."""
+        components, flat = [], []
         for part, weight in zip(parts, weights):
             inner = part if isinstance(part, Mixture) else Mixture([part], torch.ones(1))
             components += inner.components
             flat += [float(weight) * float(w) for w in inner.weights]
-            views = None if views is None or inner.views is None else views + list(inner.views)
-        return cls(components, torch.tensor(flat, dtype=torch.float32), None if views is None else tuple(views))
+        return cls(components, torch.tensor(flat, dtype=torch.float32))
 
     def spread_uniform(self, position: float) -> float:
         """The uniform that picks the component found at `position` in [0, 1) when the mixture's weight is laid out
@@ -162,40 +158,17 @@ class Mixture:
                                len(order) - 1)])
         return float(weights[:chosen].sum() + 0.5 * weights[chosen])  # the middle of that component's interval
 
-    def neighbour_uniforms(self, uniform: float, neighbours: int, view: str | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    def neighbour_uniforms(self, uniform: float, neighbours: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The component that `uniform` picks and its `neighbours` - 1 nearest (Euclidean distance between means)
-        among those with weight: the uniforms that pick each (the middle of its interval) and their weights. With a
-        view, its `neighbours` nearest among those that show the view (all, when none does)."""
+        among those with weight: the uniforms that pick each (the middle of its interval) and their weights."""
         chosen = int(self.component_index(torch.tensor([uniform]))[0])
         means = torch.stack([g.mean for g in self.components])
-        weights = self.weights
-        if view is not None and self.views is not None and (showing := self.shows(view)).any():
-            weights = weights * showing
-        nearest = nearest_weighted(means, weights, neighbours)[chosen]
+        nearest = nearest_weighted(means, self.weights, neighbours)[chosen]
         return (self.weights.cumsum(0) - 0.5 * self.weights)[nearest], self.weights[nearest]
-
-    def shows(self, view: str) -> torch.Tensor:
-        """(K,) whether each component has weight and its references show `view`."""
-        return torch.tensor([v == view for v in self.views]) & (self.weights > 0)
-
-    def view_uniforms(self, views: list[str], uniforms: torch.Tensor) -> torch.Tensor:
-        """Uniforms (n,) that pick, for each camera view, among the components whose references show that view, in
-        proportion to their weights (the same uniform order within them); a view no weighted component shows, or
-        a mixture without views, keeps its uniform."""
-        if self.views is None:
-            return uniforms
-        picked = uniforms.clone()
-        middles = self.weights.cumsum(0) - 0.5 * self.weights
-        for index, (view, uniform) in enumerate(zip(views, uniforms)):
-            if (matching := self.shows(view)).any():
-                within = Mixture(self.components, self.weights * matching).component_index(uniform[None])
-                picked[index] = middles[within[0]]
-        return picked
 
     def component_index(self, uniforms: torch.Tensor) -> torch.Tensor:
         """The component each uniform in [0, 1) picks (n,)."""
-        edges = self.weights.cumsum(0) / self.weights.sum()
+        edges = self.weights.cumsum(0)
         return torch.searchsorted(edges, uniforms.to(edges.dtype), right=True).clamp(max=len(self.components) - 1)
 
     def apply(self, eps: torch.Tensor, uniforms: torch.Tensor):
@@ -218,8 +191,7 @@ class PromptDistribution:
     reference_positions: bool = False  # imported from the reference code: fixed tokens positioned twice
     weights: torch.Tensor | None = None  # (K,) each prompt's share of the references (all objectives but gaussian)
     sampler: str = "gaussian"  # the sampler `sampler=auto` picks for this distribution
-    views: tuple[str, ...] | None = None  # (K,) the view each prompt's references show, as the model reads them
-    view_words: bool = False  # the prompts were learned with their views' words (train.view_words): encode adds them
+    views: tuple[str, ...] | None = None  # (K,) the view word each prompt was learned with (train.view_words)
 
     @property
     def num_prompts(self) -> int:
@@ -245,7 +217,6 @@ class PromptDistribution:
         }
         if self.views is not None:
             metadata["views"] = ",".join(self.views)
-            metadata["view_words"] = str(self.view_words).lower()
         tensors = {"ctx": self.ctx.detach().to("cpu", torch.float32).contiguous()}
         if self.weights is not None:
             tensors["weights"] = self.weights.detach().to("cpu", torch.float32).contiguous()
@@ -277,7 +248,6 @@ class PromptDistribution:
             weights=tensors.get("weights"),
             sampler=metadata.get("sampler", "gaussian"),
             views=tuple(metadata["views"].split(",")) if metadata.get("views") else None,
-            view_words=metadata.get("view_words", "true") == "true" and bool(metadata.get("views")),  # version 3
         )
 
     def check_backbone(self, backbone) -> None:
@@ -310,7 +280,7 @@ class PromptDistribution:
         def under(word: str | None) -> torch.Tensor:
             return self.encoder(backbone, prefix, view_suffix(suffix, word))(self.ctx, self.reference_positions)[0]
 
-        if view is not None or not self.view_words or any(f"{word} view" in suffix.lower() for word in VIEWS):
+        if view is not None or self.views is None or any(f"{word} view" in suffix.lower() for word in VIEWS):
             return under(view)
         encoded = {word: under(word) for word in set(self.views)}
         return torch.stack([encoded[word][k] for k, word in enumerate(self.views)])
@@ -328,7 +298,7 @@ class PromptDistribution:
             raise UserError(f"sampler must be auto, {' or '.join(SAMPLERS)}, not '{sampler}'")
         hidden = self.encode(backbone, prefix, suffix, view)
         if sampler == "prompts":
-            return Mixture.of_prompts(hidden.float(), bandwidth, self.weights, shrink, neighbours, self.views)
+            return Mixture.of_prompts(hidden.float(), bandwidth, self.weights, shrink, neighbours)
         return Gaussian.from_hidden(hidden.float())
 
 

@@ -32,7 +32,7 @@ from dd3d.cli import (
     prepare_run_dir,
     warn,
 )
-from dd3d.distribution import VIEWS, Mixture
+from dd3d.distribution import Mixture
 from dd3d.export import extract_mesh, write_mesh
 from dd3d.files import Checkpoints, atomic_write
 from dd3d.nerf import NeRFField, OccupancyGrid, VolumeRenderer, camera_rays, orbit_cameras, sample_cameras
@@ -190,26 +190,19 @@ class PromptNoise:
         if mode == "per_asset" and cfg.asset_spread and isinstance(mixture, Mixture):
             offset = torch.rand((), generator=torch.Generator().manual_seed(derived_seed(cfg.seed, 0, SPREAD_STREAM)))
             self.asset_uniform = torch.tensor(mixture.spread_uniform((asset + float(offset)) / cfg.num_samples))
-        self.neighbours = None  # per view (None: the same for every view)
+        self.neighbours = None
         if mode == "per_asset" and cfg.asset_neighbours > 1 and isinstance(mixture, Mixture):
-            views = VIEWS if cfg.view_matched and mixture.views is not None else (None,)
-            self.neighbours = {view: mixture.neighbour_uniforms(float(self.asset_uniform), cfg.asset_neighbours, view)
-                               for view in views}
+            self.neighbours = mixture.neighbour_uniforms(float(self.asset_uniform), cfg.asset_neighbours)
 
-    def draw(self, views: list[str], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """eps (n, ...) and uniforms (n,) for cameras with these view labels."""
-        n = len(views)
+    def draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         fresh = torch.randn((n, *self.shape), generator=generator)
         if self.mode == "per_iteration":
             return fresh, torch.rand(n, generator=generator)
         eps = (self.asset_eps + self.jitter * fresh) / math.sqrt(1 + self.jitter**2)  # still standard normal
         if self.neighbours is None:
             return eps, self.asset_uniform.expand(n)
-        if None in self.neighbours:
-            uniforms, weights = self.neighbours[None]
-            return eps, uniforms[torch.multinomial(weights, n, replacement=True, generator=generator)]
-        return eps, torch.stack([uniforms[torch.multinomial(weights, 1, replacement=True, generator=generator)[0]]
-                                 for uniforms, weights in (self.neighbours[view] for view in views)])
+        uniforms, weights = self.neighbours
+        return eps, uniforms[torch.multinomial(weights, n, replacement=True, generator=generator)]
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -326,9 +319,7 @@ def train_asset(cfg: DictConfig, backbone, prompts: ViewPrompts, asset: int, fol
             lights.to(device),
             normals=cfg.loss.orient > 0,
         )
-        eps, uniforms = noise.draw(cameras.views, generator)
-        if cfg.view_matched and noise.mode == "per_iteration":
-            uniforms = prompts.view_matched(cameras.views, uniforms)
+        eps, uniforms = noise.draw(len(cameras), generator)
         cond, uncond = prompts.draw(cameras.views, eps, uniforms)
         negatives = None
         if cfg.view_negative > 0:
@@ -337,8 +328,6 @@ def train_asset(cfg: DictConfig, backbone, prompts: ViewPrompts, asset: int, fol
         shared = None
         if cfg.asset_shared > 0 and noise.mode == "per_asset" and not cfg.prompt:  # a plain prompt is its own mixture
             fresh = torch.randn(eps.shape, generator=generator), torch.rand(len(cameras), generator=generator)
-            if cfg.view_matched:
-                fresh = fresh[0], prompts.view_matched(cameras.views, fresh[1])
             shared = prompts.draw(cameras.views, *fresh)[0].to(device), cfg.asset_shared
         sds, info = guidance(out["rgb"], cond.to(device), uncond.to(device), step, generator, out["opacity"],
                              negatives, shared)

@@ -57,8 +57,6 @@ CONFIG_RANGES = {
     "train.relax": (">=", 0, "<=", 1),
     "train.share_draws": (">=", 1),
     "train.share_min_t": (">=", 0, "<", 1),
-    "train.view_draws": (">=", 1),
-    "train.view_min_t": (">=", 0, "<", 1),
     "augment.crops": (">=", 0),
     "augment.crop_scale": (">", 0, "<=", 1),
     "checkpoint_every": (">=", 1),
@@ -195,16 +193,15 @@ def prompt_shares(backbone: Backbone, hidden: torch.Tensor, latents: torch.Tenso
 @torch.no_grad()
 def prompt_views(backbone: Backbone, dist: PromptDistribution, latents: torch.Tensor, view_prompts: torch.Tensor,
                  train_cfg, seed: int, chunk: int = 64) -> tuple[str, ...]:
-    """The view (of VIEWS) each prompt's references show, as the model reads it: the word after the prompt under which
-    the denoising loss on the views that train it (view_prompts (V, K) > 0), summed over train.view_draws
-    noise/timestep draws from t/T >= train.view_min_t (shared by the words), is lowest -- the diffusion model as a
-    zero-shot view classifier (Li et al. 2023). With train.view_words, the word each prompt keeps."""
+    """The view word (of VIEWS) each prompt explains its references with best (train.view_words): the denoising loss
+    on the views that train it (view_prompts (V, K) > 0), summed over train.share_draws noise/timestep draws from the
+    noisiest (1 - train.share_min_t) of the schedule, lowest under that word."""
     generator = torch.Generator().manual_seed(seed)
-    first_t = int(train_cfg.view_min_t * backbone.num_train_timesteps)
+    first_t = int(train_cfg.share_min_t * backbone.num_train_timesteps)
     hidden = torch.stack([dist.encode(backbone, view=word) for word in VIEWS])  # (words, K, 77, d)
     view_index, prompt_index = (view_prompts > 0).nonzero(as_tuple=True)
     losses = torch.zeros(len(VIEWS), dist.num_prompts)
-    for _ in range(train_cfg.view_draws):
+    for _ in range(train_cfg.share_draws):
         noise = torch.randn(latents.shape, generator=generator)
         t = torch.randint(first_t, backbone.num_train_timesteps, (len(latents),), generator=generator)
         for start in range(0, len(view_index), chunk):
@@ -430,9 +427,8 @@ def train(cfg: DictConfig) -> Path:
         )
         if specialised:
             with accelerator.autocast(), torch.no_grad():
-                if cfg.train.objective == "per_reference":  # each prompt has its own references
+                if cfg.train.view_words:
                     dist.views = prompt_views(backbone, dist, latents, view_prompts, cfg.train, cfg.seed)
-                    dist.view_words = cfg.train.view_words
                     log.write("prompt views " + " ".join(dist.views) + "\n")
                 dist.weights = prompt_shares(backbone, dist.encode(backbone), latents, cfg.train, cfg.seed)
             log.write("prompt shares " + " ".join(f"{share:.3f}" for share in dist.weights.tolist()) + "\n")

@@ -58,12 +58,6 @@ class ViewPrompts:
         )
         return cond, self.uncond.expand(len(views), -1, -1)
 
-    def view_matched(self, views: list[str], uniforms: torch.Tensor) -> torch.Tensor:
-        """Mixture uniforms (B,) moved to the prompts whose references show each camera's view
-        (`Mixture.view_uniforms`); unchanged for a Gaussian or a mixture without views."""
-        mixture = self.samplers["front"]
-        return mixture.view_uniforms(views, uniforms) if isinstance(mixture, Mixture) else uniforms
-
     def negatives(self, views: list[str], azimuths: torch.Tensor, eps: torch.Tensor, uniforms: torch.Tensor,
                   weight: float) -> tuple[torch.Tensor, torch.Tensor]:
         """For each camera, the same draw (eps, uniform) under the front, side and back view words: embeddings

@@ -170,22 +170,13 @@ def test_format_2_round_trip_with_prompt_shares_and_version_1_files_still_load(b
 
 
 def test_prompts_learned_with_view_words_keep_them_unless_a_view_is_named(backbone, tmp_path):
-    """Each prompt's view word round-trips; the training template appends it to that prompt alone, a requested view
-    (stage 2's camera) or a suffix that names one replaces it for every prompt. A version-3 file (views only came
-    with view words then) reads the same."""
-    from safetensors import safe_open
-
+    """Format 3: each prompt's view word round-trips; the training template appends it to that prompt alone, a
+    requested view (stage 2's camera) or a suffix that names one replaces it for every prompt."""
     dist = make_distribution(backbone, k=4)
-    dist.views, dist.view_words = ("front", "back", "front", "overhead"), True
-    dist.save(tmp_path / "v4.safetensors")
-    with safe_open(str(tmp_path / "v4.safetensors"), framework="pt") as handle:
-        metadata = handle.metadata()
-    metadata = {**metadata, "format_version": "3"}
-    del metadata["view_words"]
-    save_file({"ctx": dist.ctx.contiguous()}, str(tmp_path / "v3.safetensors"), metadata=metadata)
-    assert PromptDistribution.load(tmp_path / "v4.safetensors").view_words
+    dist.views = ("front", "back", "front", "overhead")
+    dist.save(tmp_path / "v3.safetensors")
     loaded = PromptDistribution.load(tmp_path / "v3.safetensors")
-    assert loaded.views == dist.views and loaded.view_words
+    assert loaded.views == dist.views
     own = loaded.encode(backbone)
     for k, word in enumerate(dist.views):
         alone = loaded.encoder(backbone, suffix=f"house, {word} view")(loaded.ctx[k:k + 1])[0][0]
@@ -194,30 +185,8 @@ def test_prompts_learned_with_view_words_keep_them_unless_a_view_is_named(backbo
     assert torch.allclose(loaded.encode(backbone, view="side"), side, atol=1e-6)
     assert torch.allclose(loaded.encode(backbone, suffix="house, side view"), side, atol=1e-6)
     assert torch.allclose(loaded.fit(backbone, view="side").mean, side.mean(0), atol=1e-6)
-    dist.view_words = False  # views read from the references, not learned as words: the prompt as learned
-    dist.save(tmp_path / "read.safetensors")
-    read = PromptDistribution.load(tmp_path / "read.safetensors")
-    assert read.views == dist.views and not read.view_words
-    assert torch.allclose(read.encode(backbone), dist.encoder(backbone)(dist.ctx)[0])
-    assert read.fit(backbone, sampler="prompts").views == dist.views  # stage 2 matches cameras to them
-
-
-def test_view_uniforms_pick_among_the_components_that_show_the_cameras_view():
-    """Each camera's draw lands on a weighted component with its view, in proportion to their weights; a view no
-    weighted component shows (and a mixture without views) keeps the uniform's own pick."""
-    views = ("front", "side", "front", "back", "side", "front")
-    weights = torch.tensor([0.1, 0.2, 0.3, 0.0, 0.2, 0.2])
-    mixture = Mixture([Gaussian(torch.full((2,), float(k)), torch.zeros(2)) for k in range(6)], weights, views)
-    uniforms = torch.rand(3000, generator=torch.Generator().manual_seed(0))
-    front = mixture.component_index(mixture.view_uniforms(["front"] * 3000, uniforms))
-    assert set(front.tolist()) == {0, 2, 5}
-    shares = torch.bincount(front, minlength=6)[[0, 2, 5]].float() / 3000
-    assert torch.allclose(shares, torch.tensor([1 / 6, 3 / 6, 2 / 6]), atol=0.03)
-    mixed = ["side", "back", "overhead"]
-    picked = mixture.component_index(mixture.view_uniforms(mixed, uniforms[:3]))
-    assert picked[0] in (1, 4)
-    assert picked[1:].tolist() == mixture.component_index(uniforms[1:3]).tolist()  # back: only a zero-weight one
-    assert torch.equal(Mixture(mixture.components, weights).view_uniforms(mixed, uniforms[:3]), uniforms[:3])
+    dist.views = None  # without view words the training template is the prompt as learned
+    assert torch.allclose(dist.encode(backbone), dist.encoder(backbone)(dist.ctx)[0])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -80,14 +80,14 @@ def test_per_iteration_draws_differ_per_asset_draws_stay_close():
     cfg = OmegaConf.create({"prompt_draw": "auto", "num_samples": 1, "prompt_jitter": 0.3, "seed": 0,
                             "asset_spread": True, "asset_neighbours": 1})
     per_iteration = PromptNoise(cfg, 0, gaussian_prompts())
-    a, _ = per_iteration.draw(["front"], torch.Generator().manual_seed(1))
-    b, _ = per_iteration.draw(["front"], torch.Generator().manual_seed(2))
+    a, _ = per_iteration.draw(1, torch.Generator().manual_seed(1))
+    b, _ = per_iteration.draw(1, torch.Generator().manual_seed(2))
     assert per_iteration.mode == "per_iteration" and not torch.allclose(a, b)
     per_asset = [PromptNoise(OmegaConf.merge(cfg, {"num_samples": 2}), asset, gaussian_prompts()) for asset in (0, 1)]
     assert per_asset[0].mode == "per_asset"
-    x, _ = per_asset[0].draw(["front"], torch.Generator().manual_seed(1))
-    y, _ = per_asset[0].draw(["front"], torch.Generator().manual_seed(2))
-    other, _ = per_asset[1].draw(["front"], torch.Generator().manual_seed(1))
+    x, _ = per_asset[0].draw(1, torch.Generator().manual_seed(1))
+    y, _ = per_asset[0].draw(1, torch.Generator().manual_seed(2))
+    other, _ = per_asset[1].draw(1, torch.Generator().manual_seed(1))
     assert (x - y).std() < (x - other).std()  # jitter around one asset's draw, far from another asset's
 
 
@@ -114,38 +114,12 @@ def test_an_asset_drawing_from_its_neighbourhood_stays_in_its_mode():
                       torch.full((6,), 1 / 6))
     prompts = ViewPrompts(dict.fromkeys(VIEWS, mixture), torch.zeros(1, 77, 8))
     cfg = OmegaConf.create({"prompt_draw": "per_asset", "num_samples": 2, "prompt_jitter": 0.3, "seed": 0,
-                            "asset_spread": True, "asset_neighbours": 3, "view_matched": False})
+                            "asset_spread": True, "asset_neighbours": 3})
     for asset in (0, 1):
         noise = PromptNoise(cfg, asset, prompts)
-        _, uniforms = noise.draw(["front"] * 64, torch.Generator().manual_seed(asset))
+        _, uniforms = noise.draw(64, torch.Generator().manual_seed(asset))
         used = set(mixture.apply(torch.zeros(64, 77, 8), uniforms)[1].tolist())
         assert len(used) == 3 and len({index % 2 for index in used}) == 1
-
-
-def test_view_matched_draws_keep_the_assets_mode_and_take_the_cameras_view():
-    """Twelve prompts: two modes (colours) by index parity, each with front and side references. With view_matched
-    an asset's front cameras draw its own mode's front prompts, its side cameras its side ones; the shared draw
-    (ViewPrompts.view_matched) takes the camera's view from either mode; overhead, which no prompt shows, keeps the
-    asset's plain neighbourhood."""
-    modes = torch.stack([torch.full((77, 8), -1.0), torch.full((77, 8), 1.0)])
-    views = tuple("front" if i % 4 < 2 else "side" for i in range(12))
-    mixture = Mixture([Gaussian(modes[i % 2] + 0.01 * i, torch.full((77, 8), 0.1)) for i in range(12)],
-                      torch.full((12,), 1 / 12), views)
-    prompts = ViewPrompts(dict.fromkeys(VIEWS, mixture), torch.zeros(1, 77, 8))
-    cfg = OmegaConf.create({"prompt_draw": "per_asset", "num_samples": 2, "prompt_jitter": 0.3, "seed": 0,
-                            "asset_spread": True, "asset_neighbours": 3, "view_matched": True})
-    cameras = ["front", "side", "overhead"] * 40
-    for asset in (0, 1):
-        noise = PromptNoise(cfg, asset, prompts)
-        own_mode = int(mixture.component_index(noise.asset_uniform[None])[0]) % 2
-        _, uniforms = noise.draw(cameras, torch.Generator().manual_seed(asset))
-        used = mixture.component_index(uniforms).view(40, 3)
-        assert {int(i) % 2 for i in used.flatten()} == {own_mode}
-        assert {views[i] for i in used[:, 0]} == {"front"} and {views[i] for i in used[:, 1]} == {"side"}
-        assert {views[i] for i in used[:, 2]} == {"front", "side"}
-    shared = mixture.component_index(prompts.view_matched(cameras, torch.rand(120, generator=torch.Generator())))
-    assert all(views[i] == view for i, view in zip(shared.tolist(), cameras) if view != "overhead")
-    assert {int(i) % 2 for i in shared} == {0, 1}
 
 
 def test_cli_runs_resumes_exactly_and_exports(tiny_model, dist_file, tmp_path, capsys):

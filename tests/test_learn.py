@@ -218,8 +218,8 @@ def test_prompt_shares_read_the_noisy_half_of_the_schedule(backbone, monkeypatch
 
 
 def test_prompt_views_pick_the_word_each_prompts_references_denoise_best_with(backbone, monkeypatch):
-    """A model whose error on a reference is (word index - the word it shows): each prompt gets the view of the
-    reference it was learned from."""
+    """train.view_words: a model whose error on a reference is (word index - the word it shows): each prompt gets the
+    word of the reference it was learned from."""
     from omegaconf import OmegaConf
 
     from dd3d.distribution import VIEWS, PromptDistribution
@@ -234,7 +234,7 @@ def test_prompt_views_pick_the_word_each_prompts_references_denoise_best_with(ba
     dist = PromptDistribution(ctx=torch.zeros(6, 4, 32), prefix="", suffix="", model_id="tiny",
                               fingerprint=backbone.fingerprint)
     monkeypatch.setattr(dist, "encode", lambda backbone, view: torch.full((6, 77, 32), float(VIEWS.index(view))))
-    cfg = OmegaConf.create({"view_draws": 2, "view_min_t": 0.5, "min_snr_gamma": 0.0})
+    cfg = OmegaConf.create({"share_draws": 2, "share_min_t": 0.5, "min_snr_gamma": 0.0})
     views = prompt_views(backbone, dist, latents, reference_prompts(torch.arange(3), 6), cfg, 0)
     assert views == ("back", "front", "overhead") * 2
 
