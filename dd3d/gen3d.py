@@ -47,7 +47,7 @@ NULLABLE = dict.fromkeys(("prompt", "model", "out", "prefix", "suffix"), "")  # 
 NULLABLE |= {"weights": [0.0], "class_index": 0, "export.threshold": 0.0}
 NULLABLE |= dict.fromkeys(("guidance.grad_clip", "guidance.recon_weight_end", "guidance.recon_chroma_weight_end"), 0.0)
 NULLABLE |= dict.fromkeys(("export.resolution", "export.texture", "export.face_budget"), 0)
-NULLABLE |= {"camera.light_direction": [0.0]}
+NULLABLE |= {"camera.light_direction": [0.0], "view_negative_steps": 0}
 CONFIG_RANGES = {
     "sampler": ("in", ("auto", "gaussian", "prompts")),
     "sampler_bandwidth": (">=", 0),
@@ -59,6 +59,8 @@ CONFIG_RANGES = {
     "prompt_draw": ("in", ("auto", "per_iteration", "per_asset")),
     "prompt_jitter": (">=", 0),
     "view_negative": (">=", 0),
+    "view_negative_steps": (">=", 0),
+    "view_negative_late": (">=", 0),
     "asset_neighbours": (">=", 1),
     "asset_shared": (">=", 0, "<=", 1),
     "camera.batch_size": (">=", 1),
@@ -322,9 +324,10 @@ def train_asset(cfg: DictConfig, backbone, prompts: ViewPrompts, asset: int, fol
         eps, uniforms = noise.draw(len(cameras), generator)
         cond, uncond = prompts.draw(cameras.views, eps, uniforms)
         negatives = None
-        if cfg.view_negative > 0:
+        early = cfg.view_negative_steps is None or step < cfg.view_negative_steps
+        if (weight := cfg.view_negative if early else cfg.view_negative_late) > 0:
             negatives = [x.to(device) for x in prompts.negatives(cameras.views, cameras.azimuth_deg, eps, uniforms,
-                                                                        cfg.view_negative)]
+                                                                        weight)]
         shared = None
         if cfg.asset_shared > 0 and noise.mode == "per_asset" and not cfg.prompt:  # a plain prompt is its own mixture
             fresh = torch.randn(eps.shape, generator=generator), torch.rand(len(cameras), generator=generator)

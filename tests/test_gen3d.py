@@ -186,6 +186,28 @@ def test_asset_shared_blends_in_a_fresh_draw_of_the_whole_distribution(tiny_mode
     assert seen and all(shared is None for _, shared in seen)
 
 
+def test_perp_neg_weight_changes_after_its_steps(tiny_model, dist_file, tmp_path, capsys, monkeypatch):
+    """view_negative_steps N: Perp-Neg at view_negative in the first N steps, at view_negative_late afterwards (0:
+    no negatives evaluated at all)."""
+    from dd3d import sds
+
+    seen = []
+    original = sds.ScoreDistillation.__call__
+
+    def spy(self, rgb, cond, uncond, iteration, generator, opacity=None, negatives=None, shared=None):
+        seen.append(None if negatives is None else float(negatives[1].max()))
+        return original(self, rgb, cond, uncond, iteration, generator, opacity, negatives, shared)
+
+    monkeypatch.setattr(sds.ScoreDistillation, "__call__", spy)
+    common = ["--dist", dist_file, "--model", tiny_model, *SMALL, "export.formats=[]", "camera.azimuth_range=[0,1]",
+              "view_negative=1", "view_negative_steps=2"]  # front cameras: the back view is a full-weight negative
+    assert cli(main, [*common, "--out", tmp_path / "off"], capsys)[0] == 0
+    assert seen == [1.0, 1.0, None, None]
+    seen.clear()
+    assert cli(main, [*common, "view_negative_late=0.25", "--out", tmp_path / "late"], capsys)[0] == 0
+    assert seen == [1.0, 1.0, 0.25, 0.25]
+
+
 def test_fp16_model_trains_the_fp32_scene_on_cpu(tiny_model, dist_file, tmp_path, capsys):
     """The GPU setting (fp16 UNet and VAE, fp32 field and render) runs end to end on CPU."""
     args = ["--dist", dist_file, "--model", tiny_model, "--out", tmp_path / "half", *SMALL, "dtype=fp16",
