@@ -201,7 +201,7 @@ def test_perp_neg_weight_changes_after_its_steps(tiny_model, dist_file, tmp_path
     monkeypatch.setattr(sds.ScoreDistillation, "__call__", spy)
     common = ["--dist", dist_file, "--model", tiny_model, *SMALL, "export.formats=[]", "camera.azimuth_range=[0,1]",
               "view_negative=1", "view_negative_steps=2"]  # front cameras: the back view is a full-weight negative
-    assert cli(main, [*common, "--out", tmp_path / "off"], capsys)[0] == 0
+    assert cli(main, [*common, "view_negative_late=0", "--out", tmp_path / "off"], capsys)[0] == 0
     assert seen == [1.0, 1.0, None, None]
     seen.clear()
     assert cli(main, [*common, "view_negative_late=0.25", "--out", tmp_path / "late"], capsys)[0] == 0
