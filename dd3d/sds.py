@@ -14,15 +14,14 @@ from dd3d.cli import UserError
 
 
 def guided_eps(backbone: Backbone, noisy, t, cond, uncond, guidance_scale: float, negatives=None,
-               shared=None, mixes=None) -> torch.Tensor:
+               shared=None) -> torch.Tensor:
     """The classifier-free-guided noise estimate at `noisy` (no grad). `shared`: (embeddings (B, 77, d), w) of a
     second prompt whose guidance direction is blended in, (1 - w) (cond's) + w (its), as composable diffusion adds
-    conditions (Liu et al. 2022). `negatives`: (embeddings (B, J, 77, d),
+    conditions (Liu et al. 2022); w may be a tuple of weights, for one estimate per weight stacked (n, B, ...) from
+    the same UNet evaluation. `negatives`: (embeddings (B, J, 77, d),
     weights (B, J)) of prompts to steer away from, Perp-Neg style (Armandpour et al. 2023): each one's guidance
     direction less its part along the positive direction, times its weight, is taken off the positive direction, so
-    what the prompts share (the object) is kept and only what sets them apart (the view) is pushed apart.
-    `mixes`: pairs (w, with_negatives), one estimate each, stacked (n, B, ...), from the same UNet evaluation
-    (None: the one estimate with shared's w and the negatives)."""
+    what the prompts share (the object) is kept and only what sets them apart (the view) is pushed apart."""
     if negatives is None:
         conds = [cond]
     else:
@@ -37,13 +36,12 @@ def guided_eps(backbone: Backbone, noisy, t, cond, uncond, guidance_scale: float
     out = backbone.predict(*batch, torch.cat([*conds, uncond])).float()
     eps_all = backbone.eps_from_prediction(out, *batch).chunk(count)
     eps_uncond, own = eps_all[-1], eps_all[0] - eps_all[-1]
-    stacked = mixes is not None
-    if mixes is None:
-        mixes = [(0.0 if shared is None else shared[1], True)]
+    stacked = shared is not None and isinstance(shared[1], tuple)
+    blends = shared[1] if stacked else [0.0 if shared is None else shared[1]]
     estimates = []
-    for blend, with_negatives in mixes:
+    for blend in blends:
         positive = own if blend == 0 else (1 - blend) * own + blend * (eps_all[-2] - eps_uncond)
-        if negatives is not None and with_negatives:
+        if negatives is not None:
             flat = positive.flatten(1)
             for eps_negative, weight in zip(eps_all[1 : 1 + weights.shape[1]], weights.to(positive).unbind(1)):
                 away = (eps_negative - eps_uncond).flatten(1)
@@ -73,13 +71,12 @@ def sds_gradient(
     weighting: str = "sds",
     negatives=None,
     shared=None,
-    mixes=None,
 ) -> torch.Tensor:
     """w(t) (eps_hat - eps): eps_hat is the classifier-free-guided noise estimate at noisy latents (no grad;
-    `negatives`, `shared`, `mixes`: see `guided_eps`)."""
+    `negatives`, `shared`: see `guided_eps`)."""
     with torch.no_grad():
         eps_hat = guided_eps(backbone, backbone.add_noise(latents, noise, t), t, cond, uncond, guidance_scale,
-                             negatives, shared, mixes)
+                             negatives, shared)
     return score_weight(backbone, t, weighting).view(-1, 1, 1, 1) * (eps_hat - noise)
 
 
@@ -103,13 +100,12 @@ def interval_score_gradient(
     inversion_stride: int = 200,
     negatives=None,
     shared=None,
-    mixes=None,
 ) -> torch.Tensor:
     """Interval score matching (LucidDreamer, Liang et al. 2023): w(t) (eps_hat(x_t, t) - eps(x_s, s)), s = t -
     interval, where x_s is the latents inverted by deterministic DDIM with the unconditional estimate (strides of
     at most inversion_stride) and x_t one more such move from x_s. The random noise of SDS is replaced by the noise
     the model itself reads into the render, so the target is a sharp image, not the blurred mean of its noisy
-    versions. `negatives`, `shared`, `mixes`: see `guided_eps`."""
+    versions. `negatives`, `shared`: see `guided_eps`."""
     with torch.no_grad():
         s = (t - interval).clamp(min=0)
         moves = -(-int(s.max()) // inversion_stride)  # none when every t is within the interval of 0
@@ -120,7 +116,7 @@ def interval_score_gradient(
             noisy, at = ddim_move(backbone, noisy, eps, at, to), to
         eps_s = backbone.eps_from_prediction(backbone.predict(noisy, s, uncond), noisy, s).float()
         noisy_t = ddim_move(backbone, noisy, eps_s, s, t)
-        eps_hat = guided_eps(backbone, noisy_t, t, cond, uncond, guidance_scale, negatives, shared, mixes)
+        eps_hat = guided_eps(backbone, noisy_t, t, cond, uncond, guidance_scale, negatives, shared)
     return score_weight(backbone, t, weighting).view(-1, 1, 1, 1) * (eps_hat - eps_s)
 
 
@@ -164,7 +160,6 @@ class ScoreDistillation:
         recon_chroma_weight: float = 0.0,
         recon_chroma_weight_end: float | None = None,
         shared_luminance: bool = False,
-        negative_luminance: bool = False,
     ):
         check_timestep_range(min_step_percent, max_step_percent, max_step_percent_end)
         if score not in ("sds", "interval"):
@@ -179,7 +174,7 @@ class ScoreDistillation:
         self.score, self.interval, self.inversion_stride = score, interval, inversion_stride
         self.recon_weight, self.recon_weight_end = recon_weight, recon_weight_end
         self.recon_chroma_weight, self.recon_chroma_weight_end = recon_chroma_weight, recon_chroma_weight_end
-        self.shared_luminance, self.negative_luminance = shared_luminance, negative_luminance
+        self.shared_luminance = shared_luminance
 
     def annealed(self, start: float, end: float | None, iteration: int) -> float:
         """`start` moved linearly to `end` over anneal_steps iterations (`start` throughout when end is None)."""
@@ -230,18 +225,18 @@ class ScoreDistillation:
         return 0.125 * total / pixels.shape[0]
 
     def score_gradient(self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, t: torch.Tensor,
-                       noise: torch.Tensor | None, negatives=None, shared=None, mixes=None) -> torch.Tensor:
+                       noise: torch.Tensor | None, negatives=None, shared=None) -> torch.Tensor:
         """The configured score's gradient on the latents at timesteps t, NaNs zeroed and clipped: SDS (with
-        `noise`) or interval score matching (deterministic, `noise` None); `negatives`, `shared`, `mixes`: see
+        `noise`) or interval score matching (deterministic, `noise` None); `negatives`, `shared`: see
         `guided_eps`."""
         if self.score == "interval":
             gradient = interval_score_gradient(
                 self.backbone, latents, cond, uncond, t, self.guidance_scale, self.weighting, self.interval,
-                self.inversion_stride, negatives, shared, mixes,
+                self.inversion_stride, negatives, shared,
             )
         else:
             gradient = sds_gradient(self.backbone, latents, cond, uncond, t, noise, self.guidance_scale,
-                                    self.weighting, negatives, shared, mixes)
+                                    self.weighting, negatives, shared)
         gradient = torch.nan_to_num(gradient)
         return gradient if self.grad_clip is None else gradient.clamp(-self.grad_clip, self.grad_clip)
 
@@ -258,8 +253,7 @@ class ScoreDistillation:
     ) -> tuple[torch.Tensor, dict]:
         """The SDS loss for a batch of renders; `cond`/`uncond` are (B, 77, d) text embeddings; `opacity` weights the
         colour-only pull (None: every pixel fully); `negatives`, `shared`: see `guided_eps` (with
-        shared_luminance, the shared prompt's part of the gradient acts on the renders' luminance only; with
-        negative_luminance, the negatives' part too)."""
+        shared_luminance, the shared prompt's part of the gradient acts on the renders' luminance only)."""
         pixels, latents = self.encode(rgb)
         low, high = self.step_range(iteration)
         batch = latents.shape[0]
@@ -267,11 +261,8 @@ class ScoreDistillation:
         noise = None
         if self.score == "sds":
             noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        weight, steered = (0.0 if shared is None else shared[1]), negatives is not None
-        full = (weight, steered)
-        own = (0.0 if self.shared_luminance else weight, steered and not self.negative_luminance)
-        if own != full:  # the asset's own guidance in colour, the rest on luminance only: one UNet pass
-            both = self.score_gradient(latents, cond, uncond, t, noise, negatives, shared, (own, full))
+        if shared is not None and self.shared_luminance:  # without and with the shared prompt, one UNet pass
+            both = self.score_gradient(latents, cond, uncond, t, noise, negatives, (shared[0], (0.0, shared[1])))
             gradient, part = both[0], both[1] - both[0]
             pixel_gradient = torch.autograd.grad(sds_loss(latents, part), pixels, retain_graph=True)[0]
             loss = sds_loss(latents, gradient) + (pixels * pixel_gradient.mean(dim=1, keepdim=True)).sum()
