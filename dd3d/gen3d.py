@@ -47,7 +47,7 @@ NULLABLE = dict.fromkeys(("prompt", "model", "out", "prefix", "suffix"), "")  # 
 NULLABLE |= {"weights": [0.0], "class_index": 0, "export.threshold": 0.0}
 NULLABLE |= dict.fromkeys(("guidance.grad_clip", "guidance.recon_weight_end", "guidance.recon_chroma_weight_end"), 0.0)
 NULLABLE |= dict.fromkeys(("export.resolution", "export.texture", "export.face_budget"), 0)
-NULLABLE |= {"camera.light_direction": [0.0], "view_negative_steps": 0, "field.progressive_start": 0}
+NULLABLE |= {"camera.light_direction": [0.0], "view_negative_steps": 0}
 CONFIG_RANGES = {
     "sampler": ("in", ("auto", "gaussian", "prompts")),
     "sampler_bandwidth": (">=", 0),
@@ -63,8 +63,6 @@ CONFIG_RANGES = {
     "view_negative_late": (">=", 0),
     "asset_neighbours": (">=", 1),
     "asset_shared": (">=", 0, "<=", 1),
-    "field.progressive_start": (">=", 1),
-    "field.progressive_steps": (">=", 1),
     "camera.batch_size": (">=", 1),
     "camera.width": (">=", 1),
     "camera.height": (">=", 1),
@@ -311,7 +309,6 @@ def train_asset(cfg: DictConfig, backbone, prompts: ViewPrompts, asset: int, fol
         torch.manual_seed(seed)  # the renderer's stratified jitter and the occupancy grid's samples
         generator = torch.Generator().manual_seed(seed)
         scene.train()
-        scene.field.set_step(step)
         scene.occupancy.update(step, scene.field.density)
         cameras = sample_training_cameras(cfg, generator)
         lights = light_positions(cameras, cfg.camera, generator)
@@ -472,7 +469,6 @@ def load_scene(checkpoint: Path) -> tuple[Scene, DictConfig]:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         scene = Scene(cfg)
         scene.load_state_dict(state["scene"])
-        scene.field.set_step(max(int(state["step"]) - 1, 0))  # the levels of its last training step
     except (RuntimeError, KeyError, OSError) as err:
         raise UserError(f"cannot load {checkpoint}: {str(err).splitlines()[0]}") from None
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -123,9 +123,7 @@ def test_an_asset_drawing_from_its_neighbourhood_stays_in_its_mode():
 
 
 def test_cli_runs_resumes_exactly_and_exports(tiny_model, dist_file, tmp_path, capsys):
-    # The second hash-grid level joins at step 3, after the split run's resume: the schedule resumes exactly too.
-    common = ["--dist", dist_file, "--model", tiny_model, *SMALL, "field.progressive_start=1",
-              "field.progressive_steps=3"]
+    common = ["--dist", dist_file, "--model", tiny_model, *SMALL]
     code, err = cli(main, [*common, "--out", tmp_path / "whole"], capsys)
     assert code == 0, err
     whole = tmp_path / "whole"

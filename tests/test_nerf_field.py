@@ -61,28 +61,3 @@ def test_image_loss_reaches_encoding_and_mlp():
         optimiser.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
-
-
-def test_progressive_levels_hold_back_the_fine_ones_until_their_step():
-    torch.manual_seed(0)
-    field = NeRFField(encoding=SMALL_GRID, progressive_start=2, progressive_steps=10)
-    with torch.no_grad():
-        field.encoding.params.uniform_(-1, 1)  # features far from zero on every level
-    points = torch.rand(64, 3) * 1.4 - 0.7
-    levels = field.encoding.levels
-    fine_entries = slice(levels[2].offset * 2, None)  # the table rows of levels 2 and 3 (2 features per entry)
-
-    field.set_step(9)  # levels 0 and 1 only
-    assert field.active_levels(9) == 2
-    before = field.density(points)
-    field.density(points).sum().backward()
-    assert field.encoding.params.grad[fine_entries].abs().max() == 0  # the held-back levels do not learn
-    assert field.encoding.params.grad[: levels[2].offset * 2].abs().max() > 0
-    with torch.no_grad():
-        field.encoding.params[fine_entries] += 1.0
-    torch.testing.assert_close(field.density(points), before)  # ... nor shape the field
-
-    field.set_step(10)  # level 2 joins
-    assert field.active_levels(10) == 3 and field.active_levels(1000) == 4
-    assert not torch.allclose(field.density(points), before)
-    assert NeRFField(encoding=SMALL_GRID).active_levels(0) == 4  # no schedule: every level from the start

@@ -17,10 +17,6 @@ class NeRFField(nn.Module):
     box. `encoding` holds HashGridEncoding keyword arguments. Normals are the negated, normalised density gradient
     by central finite differences with step `normal_eps` (world units): six density evaluations per point, no
     second-order autograd, and differentiable with respect to the parameters.
-
-    Progressive levels (coarse to fine, as threestudio's progressive band hash grid): with `progressive_start` set,
-    only the coarsest that many levels feed the MLP at step 0 and one more joins every `progressive_steps` steps
-    (`set_step`); the finer levels' features are zero until then, so they neither shape the field nor learn.
     """
 
     def __init__(
@@ -32,37 +28,21 @@ class NeRFField(nn.Module):
         density_blob_scale: float = 10.0,
         density_blob_std: float = 0.5,
         normal_eps: float = 0.01,
-        progressive_start: int | None = None,
-        progressive_steps: int = 250,
     ):
         super().__init__()
         self.radius = float(radius)
         self.density_blob_scale, self.density_blob_std = density_blob_scale, density_blob_std
         self.normal_eps = normal_eps
         self.encoding = HashGridEncoding(**(encoding or {}))
-        self.progressive_start, self.progressive_steps = progressive_start, progressive_steps
-        self.register_buffer("level_mask", torch.ones(self.encoding.n_output_dims), persistent=False)
         layers, width = [], self.encoding.n_output_dims
         for _ in range(n_hidden_layers):
             layers += [nn.Linear(width, hidden_dim), nn.ReLU(inplace=True)]
             width = hidden_dim
         self.mlp = nn.Sequential(*layers, nn.Linear(width, 4))
 
-    def active_levels(self, step: int) -> int:
-        """The hash-grid levels that feed the MLP at training step `step` (all of them without progressive levels)."""
-        levels = self.encoding.n_levels
-        if self.progressive_start is None:
-            return levels
-        return min(levels, self.progressive_start + step // self.progressive_steps)
-
-    def set_step(self, step: int) -> None:
-        """Mask the levels that have not joined yet at `step` (a function of the step alone: resume stays exact)."""
-        features = self.encoding.n_features_per_level
-        self.level_mask.zero_()[: self.active_levels(step) * features] = 1.0
-
     def _evaluate(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         unit = ((points / self.radius + 1.0) * 0.5).clamp(0.0, 1.0)
-        raw = self.mlp(self.encoding(unit) * self.level_mask)
+        raw = self.mlp(self.encoding(unit))
         blob = self.density_blob_scale * (1.0 - points.norm(dim=-1) / self.density_blob_std)
         inside = (points.abs() <= self.radius).all(dim=-1)
         density = torch.where(inside, F.softplus(raw[..., 0] + blob), torch.zeros_like(blob))
