@@ -168,7 +168,6 @@ def sample_training_cameras(cfg: DictConfig, generator: torch.Generator | None, 
             generator=generator,
             scene_radius=cfg.field.radius,
             thresholds=dict(camera.view_thresholds),
-            relative_distance=camera.relative_distance,
         )
     except ValueError as err:
         raise UserError(f"impossible camera ranges: {err}") from None

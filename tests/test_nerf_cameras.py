@@ -78,20 +78,6 @@ def test_sample_cameras():
     assert lowered.views == ["overhead"] * 5
 
 
-def test_relative_distance_keeps_the_frame_width_at_the_origin():
-    plain = sample_cameras(500, generator=torch.Generator().manual_seed(3))
-    relative = sample_cameras(500, generator=torch.Generator().manual_seed(3), relative_distance=True)
-    half_width = lambda c: c.distance * torch.tan(torch.deg2rad(c.fovy_deg) / 2)  # noqa: E731
-    middle = torch.tan(torch.deg2rad(torch.tensor(55.0)) / 2)
-    torch.testing.assert_close(half_width(relative), plain.distance * middle)
-    assert half_width(plain).max() / half_width(plain).min() > 2.2
-    assert half_width(relative).max() / half_width(relative).min() < 1.34
-    torch.testing.assert_close(relative.fovy_deg, plain.fovy_deg)
-    assert relative.distance.min() > 1.0
-    with pytest.raises(ValueError, match="scene radius"):
-        sample_cameras(4, distance_range=(1.1, 2.0), relative_distance=True)
-
-
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import math
-
 import torch
 
 
@@ -114,33 +112,16 @@ def sample_cameras(
     generator: torch.Generator | None = None,
     scene_radius: float = 1.0,
     thresholds: dict | None = None,
-    relative_distance: bool = False,
 ) -> CameraBatch:
     """n cameras, each quantity uniform in its range (azimuth then wrapped to [-180, 180)); `thresholds` are
-    view_label's keyword arguments. With `relative_distance` the distances hold at the middle of fovy_range and a
-    camera with another fovy moves to keep the same frame width at the origin (threestudio's relative_radius), so an
-    object's share of the frame depends on the distance drawn alone. Raises ValueError on impossible ranges."""
+    view_label's keyword arguments. Raises ValueError on impossible ranges."""
     _validate(elevation_range, distance_range, fovy_range, azimuth_range, scene_radius)
-    if relative_distance:
-        nearest = float(distance_range[0]) * float(frame_factor(fovy_range, float(fovy_range[1])))
-        if nearest <= scene_radius:
-            raise ValueError(f"camera distance at fovy {fovy_range[1]} would be {nearest:.2f}, inside the scene "
-                             f"radius {scene_radius}")
 
     def uniform(bounds):
         return float(bounds[0]) + torch.rand(n, generator=generator) * (float(bounds[1]) - float(bounds[0]))
 
     elevation, azimuth, distance, fovy = map(uniform, (elevation_range, azimuth_range, distance_range, fovy_range))
-    if relative_distance:
-        distance = distance * frame_factor(fovy_range, fovy)
     return _batch(elevation, azimuth, distance, fovy, thresholds)
-
-
-def frame_factor(fovy_range, fovy):
-    """How far a camera of field of view `fovy` (degrees) must be, relative to one at the middle of fovy_range, to
-    see the same frame width at the origin."""
-    middle = math.radians(0.5 * (float(fovy_range[0]) + float(fovy_range[1])))
-    return math.tan(middle / 2) / torch.tan(torch.deg2rad(torch.as_tensor(fovy, dtype=torch.float32)) / 2)
 
 
 def orbit_cameras(
