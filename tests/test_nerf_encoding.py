@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dd3d.cli import UserError
+from dd3d.nerf import encoding as encoding_module
 from dd3d.nerf.encoding import HashGridEncoding, _HashGridFunction, tcnn_available
 
 PRIMES = (1, 2654435761, 805459861)
@@ -107,6 +108,27 @@ def test_values_and_gradients_match_reference():
     expected_point_grad = np.einsum("nc,nca->na", g, d_points)
     interior = slice(0, 40)  # inputs are clamped to [0, 1], so the corner points have one-sided gradients
     np.testing.assert_allclose(points.grad[interior].numpy(), expected_point_grad[interior], rtol=1e-4, atol=1e-3)
+
+
+def test_backward_recomputing_the_corners_equals_the_one_that_keeps_them(monkeypatch):
+    """Inputs too large to keep their corners for the backward get theirs recomputed: the same gradients."""
+    torch.manual_seed(1)
+    encoding = HashGridEncoding(**SMALL, backend="torch")
+    with torch.no_grad():
+        encoding.params.normal_()
+    points, upstream = torch.rand(300, 3), torch.randn(300, encoding.n_output_dims)
+
+    def gradients():
+        encoding.params.grad = None
+        x = points.clone().requires_grad_(True)
+        (encoding(x) * upstream).sum().backward()
+        return encoding.params.grad, x.grad
+
+    kept = gradients()
+    monkeypatch.setattr(encoding_module, "KEEP_CORNERS", 0)
+    monkeypatch.setattr(encoding_module, "CHUNK", 128)  # several chunks
+    for got, expected in zip(gradients(), kept):
+        torch.testing.assert_close(got, expected)
 
 
 def test_no_grad_and_batched_shapes_agree():

@@ -21,8 +21,8 @@ from torch.autograd.function import once_differentiable
 from dd3d.cli import UserError
 
 PRIMES = (1, 2654435761, 805459861)
-UINT32 = 0xFFFFFFFF
 CHUNK = 1 << 15  # points per pass of the torch path
+KEEP_CORNERS = 1 << 21  # point-levels (points x levels) up to which the forward keeps its corners for the backward
 
 
 @dataclass(frozen=True)
@@ -94,13 +94,21 @@ class HashGridEncoding(nn.Module):
         self.params = nn.Parameter(torch.empty(n_entries * n_features_per_level).uniform_(-1e-4, 1e-4))
 
         # Dense levels come first (resolution grows with the level), so they form a prefix of the level axis.
+        # A hashed index keeps only the low log2_hashmap_size bits of each axis's product, which depend only on the
+        # same bits of the prime: with the primes reduced modulo the table, the products need no uint32 wrap-around,
+        # and where every index sum fits in int32 (the usual grids), the corner arithmetic runs in int32.
         self.n_dense = sum(level.dense for level in self.levels)
-        strides = [(1, lv.resolution, lv.resolution**2) if lv.dense else PRIMES for lv in self.levels]
+        strides = [(1, lv.resolution, lv.resolution**2) if lv.dense else [p % lv.size for p in PRIMES]
+                   for lv in self.levels]
+        largest = max(
+            (lv.resolution + 1) * sum(stride) + lv.offset + lv.size for lv, stride in zip(self.levels, strides)
+        )
+        index_dtype = torch.int32 if largest < 2**31 else torch.int64
         buffers = {
             "scales": torch.tensor([lv.scale for lv in self.levels], dtype=torch.float32),
-            "strides": torch.tensor(strides, dtype=torch.int64),
-            "sizes": torch.tensor([lv.size for lv in self.levels], dtype=torch.int32),
-            "offsets": torch.tensor([lv.offset for lv in self.levels], dtype=torch.int32),
+            "strides": torch.tensor(strides, dtype=index_dtype),
+            "sizes": torch.tensor([lv.size for lv in self.levels], dtype=index_dtype)[:, None],
+            "offsets": torch.tensor([lv.offset for lv in self.levels], dtype=index_dtype)[:, None],
         }
         for name, value in buffers.items():
             self.register_buffer(name, value, persistent=False)
@@ -143,23 +151,26 @@ class HashGridEncoding(nn.Module):
         return out.reshape(*x.shape[:-1], self.n_output_dims)
 
     def _corners(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Points (n, 3) -> table row of each level's 8 surrounding vertices (n, L, 8), ordered (x bit, y bit,
-        z bit), and the fractional position within the level's cell (n, L, 3)."""
-        pos = x.clamp(0.0, 1.0)[:, None, :] * self.scales[:, None] + 0.5  # (n, L, 3)
+        """Points (n, 3) -> table row of each level's 8 surrounding vertices (8, L, n), the corners ordered (x bit,
+        y bit, z bit), and the fractional position within the level's cell (3, L, n). Corners and levels lead, so
+        every elementwise pass runs along the points."""
+        pos = x.clamp(0.0, 1.0).T[:, None, :] * self.scales[:, None] + 0.5  # (3, L, n)
         cell = pos.floor()
-        # Lower and upper lattice coordinate per axis times the axis stride, modulo 2**32 as in tcnn's uint32
-        # arithmetic, then held as int32 with the same bits: xor and the power-of-two mask act on bits alone.
-        corner = cell.long()[:, :, None, :] + torch.arange(2, device=x.device)[:, None]  # (n, L, 2, 3)
-        terms = (corner * self.strides[:, None, :]) & UINT32
-        tx, ty, tz = _outer_axes(torch.where(terms >= 2**31, terms - 2**32, terms).int())
-        d, sizes = self.n_dense, self.sizes[:, None, None, None]
-        dense = (tx[:, :d] + ty[:, :d] + tz[:, :d]) % sizes[:d]  # below 2**31, so no wrap-around
-        hashed = (tx[:, d:] ^ ty[:, d:] ^ tz[:, d:]) & (sizes[d:] - 1)  # hashed tables are 2**log2_hashmap_size
-        index = torch.cat([dense, hashed], dim=1) + self.offsets[:, None, None, None]
-        return index.view(len(x), self.n_levels, 8).long(), pos - cell
+        lower = cell.to(self.strides.dtype) * self.strides.T[:, :, None]  # lattice coordinate times the axis stride
+        tx, ty, tz = _outer_axes(torch.stack([lower, lower + self.strides.T[:, :, None]], dim=1))  # lower, upper
+        d, sizes, offsets = self.n_dense, self.sizes, self.offsets
+        index = torch.empty(2, 2, 2, self.n_levels, len(x), dtype=torch.int64, device=x.device)
+        if d:  # x + y R + z R^2 lies below twice the table size: one subtraction is the modulo
+            dense = tx[..., :d, :] + ty[..., :d, :] + tz[..., :d, :]
+            torch.add(torch.where(dense >= sizes[:d], dense - sizes[:d], dense), offsets[:d], out=index[..., :d, :])
+        if d < self.n_levels:  # hashed tables are 2**log2_hashmap_size: the modulo is a mask
+            mask = sizes[d:] - 1
+            hashed = (tx[..., d:, :] & mask) ^ (ty[..., d:, :] & mask) ^ (tz[..., d:, :] & mask)
+            torch.add(hashed, offsets[d:], out=index[..., d:, :])
+        return index.view(8, self.n_levels, len(x)), pos - cell
 
     def _gather(self, params: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """(n, L, 8) rows of the flat table -> their features (n, L, 8, F)."""
+        """(8, L, n) rows of the flat table -> their features (8, L, n, F)."""
         n_feat = self.n_features_per_level
         return params.view(-1, n_feat).index_select(0, index.view(-1)).view(*index.shape, n_feat)
 
@@ -172,40 +183,42 @@ class HashGridEncoding(nn.Module):
 
 
 def _outer_axes(per_axis: torch.Tensor):
-    """(..., 2, 3) lower/upper values per axis -> three (..., 2, 2, 2) tensors that broadcast over the 8 corners."""
-    return (
-        per_axis[..., 0][..., :, None, None],
-        per_axis[..., 1][..., None, :, None],
-        per_axis[..., 2][..., None, None, :],
-    )
+    """(3, 2, ...) lower/upper values per axis -> three (2, 2, 2, ...) tensors that broadcast over the 8 corners."""
+    return per_axis[0][:, None, None], per_axis[1][None, :, None], per_axis[2][None, None, :]
 
 
 def _trilinear(frac: torch.Tensor) -> torch.Tensor:
-    """Fractional positions (n, L, 3) -> the weights of the 8 corners (n, L, 8)."""
-    wx, wy, wz = _outer_axes(torch.stack([1 - frac, frac], dim=2))
-    return (wx * wy * wz).flatten(2)
+    """Fractional positions (3, L, n) -> the weights of the 8 corners (8, L, n)."""
+    wx, wy, wz = _outer_axes(torch.stack([1 - frac, frac], dim=1))
+    return (wx * wy * wz).flatten(0, 2)
 
 
 def _trilinear_derivatives(frac: torch.Tensor) -> torch.Tensor:
-    """d weight / d frac: (n, L, 8, 3)."""
-    wx, wy, wz = _outer_axes(torch.stack([1 - frac, frac], dim=2))
-    sign = torch.tensor([-1.0, 1.0], device=frac.device)
+    """d weight / d frac: (3, 8, L, n)."""
+    wx, wy, wz = _outer_axes(torch.stack([1 - frac, frac], dim=1))
+    sign = torch.tensor([-1.0, 1.0], device=frac.device).view(2, 1, 1)
     dx, dy, dz = sign[:, None, None], sign[None, :, None], sign[None, None, :]
-    return torch.stack([(dx * wy * wz).flatten(2), (wx * dy * wz).flatten(2), (wx * wy * dz).flatten(2)], dim=-1)
+    return torch.stack([(dx * wy * wz).flatten(0, 2), (wx * dy * wz).flatten(0, 2), (wx * wy * dz).flatten(0, 2)])
 
 
 class _HashGridFunction(torch.autograd.Function):
-    """The torch path, CHUNK points at a time. Backward recomputes the corner indices and weights rather than keep
-    them (they would take ~1 KB per point), so memory grows only with the inputs. First-order gradients only."""
+    """The torch path, CHUNK points at a time. The backward reuses the forward's corner rows, weights and fractions
+    for up to KEEP_CORNERS point-levels (~110 bytes each); for more it recomputes them, so memory grows only with
+    the inputs. First-order gradients only."""
 
     @staticmethod
     def forward(ctx, x, params, encoding):
         ctx.save_for_backward(x, params)
         ctx.encoding = encoding
-        out = []
+        keep = any(ctx.needs_input_grad[:2]) and len(x) * encoding.n_levels <= KEEP_CORNERS
+        ctx.corners, out = [] if keep else None, []
         for chunk in x.split(CHUNK):
             index, frac = encoding._corners(chunk)
-            out.append((_trilinear(frac)[:, :, None, :] @ encoding._gather(params, index)).flatten(1))
+            weights = _trilinear(frac)
+            features = (weights[..., None] * encoding._gather(params, index)).sum(0)  # (L, n, F)
+            out.append(features.transpose(0, 1).flatten(1))
+            if keep:
+                ctx.corners.append((index, weights, frac))
         return torch.cat(out)
 
     @staticmethod
@@ -216,15 +229,18 @@ class _HashGridFunction(torch.autograd.Function):
         n_levels, n_feat = encoding.n_levels, encoding.n_features_per_level
         grad_table = torch.zeros_like(params).view(-1, n_feat) if ctx.needs_input_grad[1] else None
         grad_x = []
-        for chunk, grad in zip(x.split(CHUNK), grad_out.split(CHUNK)):
-            index, frac = encoding._corners(chunk)
-            grad = grad.reshape(len(chunk), n_levels, 1, n_feat)
+        chunks = x.split(CHUNK)
+        corners = ctx.corners
+        if corners is None:
+            corners = ((index, _trilinear(frac), frac) for index, frac in map(encoding._corners, chunks))
+        for chunk, grad, (index, weights, frac) in zip(chunks, grad_out.split(CHUNK), corners):
+            grad = grad.view(len(chunk), n_levels, n_feat).transpose(0, 1)  # (L, n, F)
             if grad_table is not None:
-                grad_table.index_add_(0, index.view(-1), (_trilinear(frac)[..., None] * grad).view(-1, n_feat))
+                grad_table.index_add_(0, index.view(-1), (weights[..., None] * grad).view(-1, n_feat))
             if ctx.needs_input_grad[0]:
-                projected = (encoding._gather(params, index) * grad).sum(-1)  # (n, L, 8)
-                grad_frac = (_trilinear_derivatives(frac) * projected[..., None]).sum(2)  # (n, L, 3)
+                projected = (encoding._gather(params, index) * grad).sum(-1)  # (8, L, n)
+                grad_frac = (_trilinear_derivatives(frac) * projected).sum(1)  # (3, L, n)
                 inside = ((chunk >= 0) & (chunk <= 1)).float()  # inputs are clamped to [0, 1]
-                grad_x.append((grad_frac * encoding.scales[:, None]).sum(1) * inside)
+                grad_x.append((grad_frac * encoding.scales[:, None]).sum(1).T * inside)
         grad_params = None if grad_table is None else grad_table.view(-1)
         return (torch.cat(grad_x) if grad_x else None), grad_params, None
