@@ -234,7 +234,7 @@ class _HashGridFunction(torch.autograd.Function):
         if corners is None:
             corners = ((index, _trilinear(frac), frac) for index, frac in map(encoding._corners, chunks))
         for chunk, grad, (index, weights, frac) in zip(chunks, grad_out.split(CHUNK), corners):
-            grad = grad.view(len(chunk), n_levels, n_feat).transpose(0, 1)  # (L, n, F)
+            grad = grad.reshape(len(chunk), n_levels, n_feat).transpose(0, 1)  # (L, n, F)
             if grad_table is not None:
                 grad_table.index_add_(0, index.view(-1), (weights[..., None] * grad).view(-1, n_feat))
             if ctx.needs_input_grad[0]:
