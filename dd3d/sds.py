@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dd3d.backbone import Backbone
+from dd3d.backbone import Backbone, guidance_window
 from dd3d.cli import UserError
 
 
-def guided_eps(backbone: Backbone, noisy, t, cond, uncond, guidance_scale: float, negatives=None,
+def guided_eps(backbone: Backbone, noisy, t, cond, uncond, guidance_scale: float | torch.Tensor, negatives=None,
                shared=None) -> torch.Tensor:
     """The classifier-free-guided noise estimate at `noisy` (no grad). `shared`: (embeddings (B, 77, d), w) of a
     second prompt whose guidance direction is blended in, (1 - w) (cond's) + w (its), as composable diffusion adds
@@ -67,7 +67,7 @@ def sds_gradient(
     uncond: torch.Tensor,
     t: torch.Tensor,
     noise: torch.Tensor,
-    guidance_scale: float,
+    guidance_scale: float | torch.Tensor,
     weighting: str = "sds",
     negatives=None,
     shared=None,
@@ -94,7 +94,7 @@ def interval_score_gradient(
     cond: torch.Tensor,
     uncond: torch.Tensor,
     t: torch.Tensor,
-    guidance_scale: float,
+    guidance_scale: float | torch.Tensor,
     weighting: str = "sds",
     interval: int = 50,
     inversion_stride: int = 200,
@@ -160,8 +160,10 @@ class ScoreDistillation:
         recon_chroma_weight: float = 0.0,
         recon_chroma_weight_end: float | None = None,
         shared_luminance: bool = False,
+        guidance_interval: tuple[float, float] = (0.0, 1.0),
     ):
         check_timestep_range(min_step_percent, max_step_percent, max_step_percent_end)
+        self.guidance_interval = guidance_window(guidance_interval, "guidance.guidance_interval")
         if score not in ("sds", "interval"):
             raise UserError(f"guidance.score must be sds or interval, not '{score}'")
         self.backbone = backbone
@@ -224,6 +226,14 @@ class ScoreDistillation:
         total = weight * residual.square().sum() + chroma_weight * chroma.square().sum()
         return 0.125 * total / pixels.shape[0]
 
+    def scale_at(self, t: torch.Tensor) -> torch.Tensor:
+        """The guidance scale of each timestep in `t`, (B, 1, 1, 1): guidance_scale where t/T lies in the guidance
+        interval, 1 (the prompt alone) elsewhere, as the 2D path's guidance interval."""
+        low, high = self.guidance_interval
+        fraction = t.float() / self.backbone.num_train_timesteps
+        inside = (fraction >= low) & (fraction <= high)
+        return torch.where(inside, self.guidance_scale, 1.0).view(-1, 1, 1, 1)
+
     def score_gradient(self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, t: torch.Tensor,
                        noise: torch.Tensor | None, negatives=None, shared=None) -> torch.Tensor:
         """The configured score's gradient on the latents at timesteps t, NaNs zeroed and clipped: SDS (with
@@ -231,11 +241,11 @@ class ScoreDistillation:
         `guided_eps`."""
         if self.score == "interval":
             gradient = interval_score_gradient(
-                self.backbone, latents, cond, uncond, t, self.guidance_scale, self.weighting, self.interval,
+                self.backbone, latents, cond, uncond, t, self.scale_at(t), self.weighting, self.interval,
                 self.inversion_stride, negatives, shared,
             )
         else:
-            gradient = sds_gradient(self.backbone, latents, cond, uncond, t, noise, self.guidance_scale,
+            gradient = sds_gradient(self.backbone, latents, cond, uncond, t, noise, self.scale_at(t),
                                     self.weighting, negatives, shared)
         gradient = torch.nan_to_num(gradient)
         return gradient if self.grad_clip is None else gradient.clamp(-self.grad_clip, self.grad_clip)

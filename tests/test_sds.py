@@ -52,6 +52,24 @@ def test_interval_score_leaves_only_the_guidance_where_the_model_explains_the_re
     assert torch.allclose(within, gradient[:1], atol=1e-5)
 
 
+@pytest.mark.parametrize("score", ["sds", "interval"])
+def test_guidance_interval_guides_only_its_timesteps(backbone, monkeypatch, score):
+    """A linear model (the text's direction is the embedding itself): inside the interval the guided estimate's
+    text part is guidance_scale times the conditional direction, outside it once (the prompt alone)."""
+    text = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(backbone, "predict", lambda noisy, t, emb: text * emb[:, :1, :1, None])
+    cond, uncond = torch.ones(2, 77, 32), torch.zeros(2, 77, 32)
+    t = torch.tensor([200, 800])  # t/T 0.2 (inside [0, 0.5]) and 0.8 (outside)
+    guidance = ScoreDistillation(backbone, guidance_scale=7.5, score=score, guidance_interval=(0.0, 0.5))
+    assert guidance.scale_at(t).flatten().tolist() == [7.5, 1.0]
+    noise = torch.zeros(2, 4, 8, 8) if score == "sds" else None
+    gradient = guidance.score_gradient(torch.zeros(2, 4, 8, 8), cond, uncond, t, noise)
+    weight = (1 - backbone.alphas_cumprod[t]).view(-1, 1, 1, 1)
+    assert torch.allclose(gradient, weight * torch.tensor([7.5, 1.0]).view(-1, 1, 1, 1) * text, atol=1e-4)
+    with pytest.raises(UserError, match="guidance_interval"):
+        ScoreDistillation(backbone, guidance_interval=(0.6, 0.2))
+
+
 def test_perp_neg_removes_only_the_negatives_part_across_the_positive_direction(backbone, monkeypatch):
     """A linear model (the estimate is the embedding's first entries): a negative prompt's direction along the
     camera's own is kept, its perpendicular part is taken off times its weight; at weight 0, or a negative that
