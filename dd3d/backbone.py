@@ -241,9 +241,12 @@ def make_pipeline(backbone, scheduler: str = "ddim") -> StableDiffusionPipeline:
 
 def guidance_window(interval, key: str = "guidance_interval") -> tuple[float, float]:
     """A guidance interval from a config as (low, high) fractions of the noise schedule; anything else refused."""
-    values = tuple(float(v) for v in interval)
+    try:
+        values = tuple(float(v) for v in interval)
+    except (TypeError, ValueError):
+        values = ()
     if len(values) != 2 or not 0 <= values[0] <= values[1] <= 1:
-        raise UserError(f"{key} must be [low, high] with 0 <= low <= high <= 1, not {list(interval)}")
+        raise UserError(f"{key} must be [low, high] with 0 <= low <= high <= 1, not {interval}")
     return values
 
 

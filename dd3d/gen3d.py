@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from dd3d.backbone import open_backbone
+from dd3d.backbone import guidance_window, open_backbone
 from dd3d.cli import (
     CONFIG_DIR,
     UserError,
@@ -391,6 +391,7 @@ def check_config(cfg: DictConfig) -> None:
         raise UserError(f"camera.light_direction must be null or a non-zero [x, y, z], got {list(light)}")
     guidance = cfg.guidance
     check_timestep_range(guidance.min_step_percent, guidance.max_step_percent, guidance.max_step_percent_end)
+    guidance_window(guidance.guidance_interval, "guidance.guidance_interval")
     sample_training_cameras(cfg, None, 1)  # impossible camera ranges
     Scene(cfg)  # field, renderer and occupancy settings
 

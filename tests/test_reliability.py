@@ -189,6 +189,15 @@ def test_timestep_percents_are_checked_up_front(override, dist_file, tmp_path, c
     assert not out.exists()
 
 
+@pytest.mark.parametrize("override", ["guidance.guidance_interval=[0.8,0.2]", "guidance.guidance_interval=[0,1.5]",
+                                      "guidance.guidance_interval=[0.5]", "guidance.guidance_interval=0.5"])
+def test_guidance_interval_is_checked_up_front(override, dist_file, tmp_path, capsys):
+    out = tmp_path / "3d"
+    code, captured = run_cli(gen3d.main, ["--dist", dist_file, "--out", out, *SMALL, override], capsys)
+    one_error_line(code, captured, "guidance.guidance_interval must be")
+    assert not out.exists()
+
+
 def test_timestep_range_stays_inside_the_schedule(backbone):
     guidance = ScoreDistillation(backbone, min_step_percent=0.999, max_step_percent=0.9995)
     assert guidance.step_range(0) == (999, 999)
