@@ -47,7 +47,7 @@ NULLABLE = dict.fromkeys(("prompt", "model", "out", "prefix", "suffix"), "")  # 
 NULLABLE |= {"weights": [0.0], "class_index": 0, "export.threshold": 0.0}
 NULLABLE |= dict.fromkeys(("guidance.grad_clip", "guidance.recon_weight_end", "guidance.recon_chroma_weight_end"), 0.0)
 NULLABLE |= dict.fromkeys(("export.resolution", "export.texture", "export.face_budget"), 0)
-NULLABLE |= {"camera.light_direction": [0.0], "view_negative_steps": 0}
+NULLABLE |= {"camera.light_direction": [0.0], "view_negative_steps": 0, "optim.average_from": 0}
 CONFIG_RANGES = {
     "sampler": ("in", ("auto", "gaussian", "prompts")),
     "sampler_bandwidth": (">=", 0),
@@ -85,6 +85,7 @@ CONFIG_RANGES = {
     "optim.lr": (">", 0),
     "optim.eps": (">", 0),
     "optim.betas": (">=", 0, "<", 1),
+    "optim.average_from": (">=", 0),
     "validation.every": (">=", 0),
     "validation.views": (">=", 1),
     "validation.size": (">=", 1),
@@ -117,6 +118,37 @@ class Scene(torch.nn.Module):
 
     def albedo(self, points: torch.Tensor) -> torch.Tensor:
         return self.field(points)[1]
+
+
+class WeightAverage:
+    """The running mean of a scene's parameters over the steps after `start` (stochastic weight averaging,
+    Izmailov et al. 2018): the asset is the mean of where the noisy late optimisation wandered, not its last step."""
+
+    def __init__(self, scene: Scene, start: int):
+        self.start, self.count = start, 0
+        self.mean = {name: p.detach().clone() for name, p in scene.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, scene: Scene, done: int) -> None:
+        if done > self.start:
+            self.count += 1
+            for name, p in scene.named_parameters():
+                self.mean[name].lerp_(p.detach(), 1.0 / self.count)
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = int(state["count"])
+        self.mean = {name: value.to(self.mean[name]) for name, value in state["mean"].items()}
+
+
+def apply_average(scene: Scene, state: dict | None) -> None:
+    """Put a checkpoint's averaged weights (`WeightAverage.state_dict`) into the scene, if it holds any, and mark
+    the occupancy grid's cells for them."""
+    if state and int(state["count"]) > 0:
+        scene.load_state_dict(state["mean"], strict=False)
+        scene.occupancy.refresh(scene.field.density)
 
 
 STEP_STREAM, ASSET_PROMPT_STREAM, INIT_STREAM, SPREAD_STREAM = 0, 1, 2, 3
@@ -296,10 +328,13 @@ def train_asset(cfg: DictConfig, backbone, prompts: ViewPrompts, asset: int, fol
     guidance = ScoreDistillation(backbone, **OmegaConf.to_container(cfg.guidance, resolve=True))
     noise = PromptNoise(cfg, asset, prompts)
     checkpoints = Checkpoints(folder / "checkpoints", cfg.keep_checkpoints)
+    average = None if cfg.optim.average_from is None else WeightAverage(scene, cfg.optim.average_from)
     start = 0
     if cfg.resume and (state := checkpoints.load_latest()) is not None:
         scene.load_state_dict(state["scene"])
         optimizer.load_state_dict(state["optimizer"])
+        if average is not None and "average" in state:
+            average.load_state_dict(state["average"])
         start = state["step"]
     log = open(folder / "train.log", "a")
     log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} asset {asset} steps {start}->{cfg.steps} on {device}\n")
@@ -350,8 +385,10 @@ def train_asset(cfg: DictConfig, backbone, prompts: ViewPrompts, asset: int, fol
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-
         done = step + 1
+        if average is not None:
+            average.update(scene, done)
+
         progress.set_postfix(loss=f"{loss.item():.3g}", t=f"{info['t']:.0f}")
         if done % cfg.log_every == 0 or done == cfg.steps:
             log.write(
@@ -359,13 +396,17 @@ def train_asset(cfg: DictConfig, backbone, prompts: ViewPrompts, asset: int, fol
                 f"opacity {out['opacity'].mean().item():.4f} samples {out['num_samples']} {shading}\n"
             )
             log.flush()
-        if cfg.validation.every and (done % cfg.validation.every == 0 or done == cfg.steps):
+        if cfg.validation.every and done % cfg.validation.every == 0 and done < cfg.steps:
             scene.eval()
             write_validation(scene, cfg, folder / "validation" / f"step-{done:06d}.png")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            checkpoints.save(done, {"scene": scene.state_dict(), "optimizer": optimizer.state_dict()})
+            state = {"scene": scene.state_dict(), "optimizer": optimizer.state_dict()}
+            checkpoints.save(done, state | ({"average": average.state_dict()} if average is not None else {}))
     progress.close()
+    apply_average(scene, average and average.state_dict())
     scene.eval()
+    if cfg.validation.every:
+        write_validation(scene, cfg, folder / "validation" / f"step-{cfg.steps:06d}.png")
     write_turntable(scene, cfg, folder)
     if cfg.export.formats:
         try:
@@ -470,6 +511,7 @@ def load_scene(checkpoint: Path) -> tuple[Scene, DictConfig]:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         scene = Scene(cfg)
         scene.load_state_dict(state["scene"])
+        apply_average(scene, state.get("average"))
     except (RuntimeError, KeyError, OSError) as err:
         raise UserError(f"cannot load {checkpoint}: {str(err).splitlines()[0]}") from None
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -144,6 +144,33 @@ def test_cli_runs_resumes_exactly_and_exports(tiny_model, dist_file, tmp_path, c
     assert (whole / "mesh.glb").is_file()
 
 
+def test_weight_average_is_the_mean_of_the_late_steps_and_resumes_exactly(tiny_model, dist_file, tmp_path, capsys):
+    """optim.average_from=N: the asset is the mean of the weights after steps N+1..end; a split run holds the same
+    average, and the evaluation and mesh export load it instead of the last step's weights."""
+    from dd3d.gen3d import load_scene
+
+    common = ["--dist", dist_file, "--model", tiny_model, *SMALL, "checkpoint_every=1", "keep_checkpoints=4",
+              "export.formats=[]", "optim.average_from=1"]
+    assert cli(main, [*common, "--out", tmp_path / "whole"], capsys)[0] == 0
+    states = [torch.load(tmp_path / "whole" / "checkpoints" / f"step-{s:06d}.pt") for s in (2, 3, 4)]
+    average = states[-1]["average"]
+    assert average["count"] == 3
+    keys = list(average["mean"])
+    for key in keys:
+        mean = sum(state["scene"][key] for state in states) / 3
+        assert torch.allclose(average["mean"][key], mean, atol=1e-6), key
+    assert any(not torch.allclose(average["mean"][k], states[-1]["scene"][k]) for k in keys)
+
+    assert cli(main, [*common, "--out", tmp_path / "split", "steps=2"], capsys)[0] == 0
+    assert cli(main, ["--out", tmp_path / "split", "resume=true", "steps=4"], capsys)[0] == 0
+    split = torch.load(tmp_path / "split" / "checkpoints" / "step-000004.pt")["average"]
+    assert split["count"] == 3 and all(torch.equal(split["mean"][k], average["mean"][k]) for k in keys)
+
+    scene, _ = load_scene(tmp_path / "whole" / "checkpoints" / "step-000004.pt")
+    loaded = dict(scene.named_parameters())
+    assert all(torch.equal(loaded[k].detach(), average["mean"][k]) for k in keys)
+
+
 def test_plain_prompt_and_several_assets(tiny_model, tmp_path, capsys):
     args = ["--prompt", "a red house", "--model", tiny_model, "--num-samples", "2", "--out", tmp_path / "two",
             *SMALL, "steps=1", "export.formats=[]", "view_negative=1"]
