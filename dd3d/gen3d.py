@@ -403,7 +403,8 @@ def train_asset(cfg: DictConfig, backbone, prompts: ViewPrompts, asset: int, fol
             state = {"scene": scene.state_dict(), "optimizer": optimizer.state_dict()}
             checkpoints.save(done, state | ({"average": average.state_dict()} if average is not None else {}))
     progress.close()
-    apply_average(scene, average and average.state_dict())
+    if average is not None:
+        apply_average(scene, average.state_dict())
     scene.eval()
     if cfg.validation.every:
         write_validation(scene, cfg, folder / "validation" / f"step-{cfg.steps:06d}.png")
