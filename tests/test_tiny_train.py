@@ -1,6 +1,7 @@
 """The embedded model's training script, on a toy-sized recipe: runs end to end, resumes exactly, refuses mixes."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -123,6 +124,54 @@ def test_unet_training_resumes_exactly(tmp_path, toy_run):
     straight = weights(tmp_path / "a", [4])
     resumed = weights(tmp_path / "b", [2, 4])
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_unet_tail_resumes_exactly_and_keeps_the_text_encoder(tmp_path, toy_run):
+    """The UNet-alone tail: two steps, a 'kill', two more on resume == four in one go; the text encoder (what a
+    learned prompt distribution depends on) is untouched while the UNet moves."""
+    out, model = toy_run
+    data, heldout = torch.load(out / "data" / "train.pt"), torch.load(out / "data" / "heldout.pt")
+    recipe = Recipe(**{**_toy_recipe(), "unet_tail_steps": 4, "unet_tail_warmup": 1, "checkpoint_every": 2})
+
+    def tail(work, stops):
+        for stop in stops:
+            pipeline = StableDiffusionPipeline.from_pretrained(str(model))
+            trainer = Trainer(work, recipe, tmp_path / "unused")
+            latents = trainer.encode(pipeline.vae, data, scaling=pipeline.vae.config.scaling_factor)
+            losses = trainer.train_unet_tail(pipeline, data, latents, heldout, until=stop)
+        return pipeline, losses
+
+    (straight, losses), (resumed, _) = tail(tmp_path / "a", [4]), tail(tmp_path / "b", [2, 4])
+    before = StableDiffusionPipeline.from_pretrained(str(model))
+    for name in ("unet", "text_encoder"):
+        a, b, c = (getattr(p, name).state_dict() for p in (straight, resumed, before))
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name}: resuming changed the result"
+        moved = any(not torch.equal(a[k], c[k]) for k in a)
+        assert moved == (name == "unet"), f"{name} moved: {moved}"
+    assert set(losses["unet_tail_heldout_loss"]) == {"0", "4"}
+
+
+def test_continue_unet_records_the_tail_beside_the_models_training(toy_run, tmp_path):
+    """--continue-unet on a finished model: the text encoder, VAE and oracle are kept, the recipe is the model's with
+    the tail's keys, the card says so, and a second tail is refused."""
+    _, model = toy_run
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy)
+    tail = ["--continue-unet", "--out", str(tmp_path / "work"), "--model-dir", str(copy), "--threads", "2", *TOY,
+            "unet_tail_steps=2", "unet_tail_warmup=1"]
+    main(tail)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    previous = json.loads((model / "metrics.json").read_text())
+    assert metrics["recipe"] == {**previous["recipe"], "unet_tail_steps": 2, "unet_tail_warmup": 1}
+    assert metrics["timings_s"] == previous["timings_s"] and "--continue-unet" in metrics["timing_note"]
+    assert set(metrics["unet_tail_heldout_loss"]) == {"0", "2"}
+    assert "the UNet alone, the text encoder frozen" in (copy / "README.md").read_text()
+    for part in ("text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors", "oracle.safetensors"):
+        assert (copy / part).read_bytes() == (model / part).read_bytes(), part
+    assert (copy / "unet/diffusion_pytorch_model.safetensors").read_bytes() != (
+        model / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="already"):
+        main([*tail[:2], str(tmp_path / "again"), *tail[3:]])
 
 
 def _toy_recipe() -> dict:

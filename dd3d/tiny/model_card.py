@@ -114,7 +114,7 @@ atomic checkpoints.
    {recipe['unet_restart_steps']} steps each (cosine from {recipe['unet_restart_lr_factor']:.0%} to 10%), weight
    decay {recipe['weight_decay']}, grad clip
    {recipe['grad_clip']}, min-SNR-{recipe['min_snr_gamma']:g} weighting, EMA {recipe['ema_decay']} (the
-   exported weights).
+   exported weights).{_unet_tail(metrics)}
 
 Training time on {hw['machine']} CPU ({hw['processor']}, {hw['cpu_count']} cores, {hw['torch_threads']} torch
 threads), torch {hw['torch']}: total **{_minutes(total)}** --
@@ -150,6 +150,24 @@ and four views, and little else; other words in a prompt are mostly ignored. The
 CLIP vocabulary, but only the caption words were trained; the rest keep their random initial values.
 """
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def _unet_tail(metrics: dict) -> str:
+    """The recipe's step 4, when the model had one: the UNet alone with the text encoder frozen."""
+    recipe = metrics["recipe"]
+    if not recipe.get("unet_tail_steps"):
+        return ""
+    losses = metrics.get("unet_tail_heldout_loss", {})
+    measured = ""
+    if losses:
+        first, last = losses[min(losses, key=int)], losses[max(losses, key=int)]
+        measured = (f" The denoising error on the held-out renders (4 fixed noisings each, timesteps stratified) "
+                    f"went from {first:.5f} to {last:.5f} ({last / first - 1:+.1%}).")
+    return f"""
+4. Then the UNet alone, the text encoder frozen (so prompt distributions learned on the model before stay valid):
+   {recipe['unet_tail_steps']} more AdamW steps from the exported weights with a fresh optimiser, warm-up
+   {recipe['unet_tail_warmup']} to {recipe['unet_restart_lr_factor']:.0%} of the LR, cosine to 10%, the EMA continued
+   (the exported weights).{measured}"""
 
 
 def cpu_model_name() -> str:

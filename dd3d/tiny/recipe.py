@@ -43,6 +43,9 @@ class Recipe:
     unet_restart_steps: int = 2000  # after unet_steps, warm restarts: cosine cycles of this many steps,
     unet_restart_cycles: int = 2  # this many,
     unet_restart_lr_factor: float = 0.5  # each starting at this fraction of the base LRs
+    unet_tail_steps: int = 0  # then the UNet alone from its EMA weights, the text encoder frozen (so prompt
+    unet_tail_warmup: int = 50  # distributions learned on the model stay valid): a fresh optimiser, this warm-up to
+                                # unet_restart_lr_factor and a cosine to 10%, over unet_tail_steps
     unet_batch: int = 64
     unet_lr: float = 5e-4
     text_lr: float = 5e-4
@@ -75,6 +78,13 @@ class Recipe:
             return _lr_factor(step, self.warmup_steps, self.unet_steps)
         cycle_step = (step - self.unet_steps) % max(1, self.unet_restart_steps)
         progress = cycle_step / max(1, self.unet_restart_steps)
+        return 0.1 + (self.unet_restart_lr_factor - 0.1) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def unet_tail_lr_factor(self, step: int) -> float:
+        """The UNet-alone tail: linear warm-up to unet_restart_lr_factor, then cosine down to 10%."""
+        if step < self.unet_tail_warmup:
+            return self.unet_restart_lr_factor * (step + 1) / self.unet_tail_warmup
+        progress = (step - self.unet_tail_warmup) / max(1, self.unet_tail_steps - self.unet_tail_warmup)
         return 0.1 + (self.unet_restart_lr_factor - 0.1) * 0.5 * (1 + math.cos(math.pi * progress))
 
 

@@ -102,7 +102,8 @@ class Trainer:
         self.train_vae(pipeline.vae, train)
         latents = self.encode(pipeline.vae, train)
         self.train_unet(pipeline, train, latents)
-        return self.export(pipeline, oracle, heldout)
+        tail = self.train_unet_tail(pipeline, train, latents, heldout)
+        return self.export(pipeline, oracle, heldout, extra=tail)
 
     def retrain_oracle(self) -> dict:
         """Only the oracle, beside the pipeline already in model_dir (its weights kept); the quality bars re-measured
@@ -111,7 +112,21 @@ class Trainer:
         train, heldout = self.render()
         oracle = self.train_oracle(train, heldout)
         pipeline = StableDiffusionPipeline.from_pretrained(str(self.model_dir))
-        return self.export(pipeline, oracle, heldout, previous)
+        return self.export(pipeline, oracle, heldout, previous, "oracle")
+
+    def continue_unet(self) -> dict:
+        """Only the UNet's tail (recipe.unet_tail_steps) on the model already in model_dir: its VAE, text encoder and
+        oracle kept, the quality bars re-measured. The recorded recipe is the model's with the tail's keys updated."""
+        previous = json.loads((self.model_dir / "metrics.json").read_text())
+        if previous["recipe"].get("unet_tail_steps"):
+            raise UserError(f"the model in {self.model_dir} has had its UNet-alone tail already; train a longer tail "
+                            "from scratch instead")
+        train = self._cached_render("train", self.recipe.train_images, 1, True, {})
+        heldout = self._cached_render("heldout", self.recipe.heldout_images, 2, True, {})
+        pipeline = StableDiffusionPipeline.from_pretrained(str(self.model_dir))
+        latents = self.encode(pipeline.vae, train, scaling=pipeline.vae.config.scaling_factor)
+        tail = self.train_unet_tail(pipeline, train, latents, heldout)
+        return self.export(pipeline, oracle_lib.Oracle.load(self.model_dir), heldout, previous, "unet_tail", tail)
 
     # --- 1. data -----------------------------------------------------------------------------------------------
     def render(self) -> tuple[dict, dict]:
@@ -218,9 +233,10 @@ class Trainer:
 
     # --- 4. latents --------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, vae, train: dict) -> torch.Tensor:
-        """Posterior means of all training images, scaled to unit std; sets the VAE's scaling factor."""
-        path = self.work / "data" / "latents.pt"
+    def encode(self, vae, data: dict, name: str = "latents", scaling: float | None = None) -> torch.Tensor:
+        """Posterior means of all images of `data`, scaled by `scaling`; None (the training set of a new VAE): by 1 /
+        their std, which becomes the VAE's scaling factor."""
+        path = self.work / "data" / f"{name}.pt"
         if path.exists():
             saved = torch.load(path)
             vae.register_to_config(scaling_factor=saved["scaling_factor"])
@@ -228,9 +244,9 @@ class Trainer:
         self._start("encode")
         vae.eval()
         means = [vae.encode(oracle_lib.as_pixels(chunk).to(self.device)).latent_dist.mean.cpu()
-                 for chunk in train["images"].split(256)]
+                 for chunk in data["images"].split(256)]
         latents = torch.cat(means)
-        scaling = float(1.0 / latents.std())
+        scaling = float(1.0 / latents.std()) if scaling is None else scaling
         vae.register_to_config(scaling_factor=scaling)
         latents = latents * scaling
         _save_torch(path, {"latents": latents, "scaling_factor": scaling})
@@ -270,12 +286,7 @@ class Trainer:
         until = recipe.unet_total_steps if until is None else min(until, recipe.unet_total_steps)
         unet, text_encoder = modules["unet"], modules["text_encoder"]
         device = self.device
-        alphas = scheduler.alphas_cumprod.float().to(device)
-        snr = alphas / (1 - alphas)
-        if recipe.prediction_type == "epsilon":
-            weights = snr.clamp(max=recipe.min_snr_gamma) / snr
-        else:
-            weights = snr.clamp(max=recipe.min_snr_gamma) / (snr + 1)
+        task = DenoisingTask(recipe, scheduler, device)
         token_cache: dict[str, torch.Tensor] = {}
 
         def tokenize(texts: list[str]) -> torch.Tensor:
@@ -285,28 +296,13 @@ class Trainer:
             return torch.stack([token_cache[text] for text in texts]).to(device)
 
         modules.train()
-        count = len(latents)
         ema_params = list(ema.parameters())
         live_params = list(modules.parameters())
         with tqdm(total=recipe.unet_total_steps, initial=step, desc="text encoder + unet") as bar:
             while step < until:
-                generator = keyed_generator(recipe.seed, 5, step)
-                rng = np.random.default_rng([recipe.seed, 5, step])
-                index = torch.randint(count, (recipe.unet_batch,), generator=generator)
-                texts = captions_for(train["kind"][index], train["colour"][index], train["view"][index],
-                                     train["scale"][index], rng)
-                texts = ["" if drop else text for text, drop in
-                         zip(texts, rng.random(len(texts)) < recipe.caption_dropout)]
-                clean = latents[index].to(device)
-                noise = torch.randn(clean.shape, generator=generator).to(device)
-                t = torch.randint(scheduler.config.num_train_timesteps, (len(index),), generator=generator).to(device)
-                a = alphas[t].sqrt().view(-1, 1, 1, 1)
-                s = (1 - alphas[t]).sqrt().view(-1, 1, 1, 1)
-                noisy = a * clean + s * noise
-                target = noise if recipe.prediction_type == "epsilon" else a * noise - s * clean
+                texts, noisy, t, target = task.batch(5, step, train, latents)
                 hidden = text_encoder(tokenize(texts)).last_hidden_state
-                prediction = unet(noisy, t, encoder_hidden_states=hidden).sample
-                loss = (weights[t] * (prediction - target).pow(2).mean(dim=(1, 2, 3))).mean()
+                loss = task.loss(unet(noisy, t, encoder_hidden_states=hidden).sample, target, t)
                 factor = recipe.unet_lr_factor(step)
                 for group, base in zip(optimiser.param_groups, (recipe.unet_lr, recipe.text_lr)):
                     group["lr"] = base * factor
@@ -327,19 +323,81 @@ class Trainer:
                     self._tick("unet")
         return step
 
+    # --- 5b. the UNet alone, the text encoder frozen --------------------------------------------------------------
+    def train_unet_tail(self, pipeline: StableDiffusionPipeline, train: dict, latents: torch.Tensor,
+                        heldout: dict, until: int | None = None) -> dict:
+        """recipe.unet_tail_steps more steps of the UNet alone from its exported (EMA) weights, the text encoder
+        frozen: the text encoder, and so every prompt distribution learned on the model, stays as it is. Returns
+        {"unet_tail_heldout_loss": {step: ...}}: the EMA weights' denoising error on the held-out renders (fixed
+        draws) before the tail and every TAIL_EVAL_EVERY steps; {} without a tail. `until`: stop at that step (the
+        pipeline's UNet then holds the live weights, not the EMA)."""
+        recipe, path = self.recipe, self.work / "checkpoints" / "unet-tail.ckpt"
+        if not recipe.unet_tail_steps:
+            return {}
+        device = self.device
+        unet = pipeline.unet.to(device)
+        encode_text = CaptionEncoder(pipeline.tokenizer, pipeline.text_encoder.to(device).requires_grad_(False))
+        task = DenoisingTask(recipe, pipeline.scheduler, device)
+        heldout_latents = self.encode(pipeline.vae, heldout, "heldout-latents", pipeline.vae.config.scaling_factor)
+        ema = copy.deepcopy(unet).requires_grad_(False)
+        optimiser = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=recipe.weight_decay)
+        step, losses = 0, {}
+        if path.exists():
+            state = torch.load(path, map_location=device)
+            unet.load_state_dict(state["unet"])
+            ema.load_state_dict(state["ema"])
+            optimiser.load_state_dict(state["optimiser"])
+            step, losses = state["step"], state["heldout_loss"]
+        else:
+            losses["0"] = task.heldout_loss(unet, heldout, heldout_latents, encode_text)
+        self._start("unet_tail")
+        unet.train()
+        ema_params, live_params = list(ema.parameters()), list(unet.parameters())
+        with tqdm(total=recipe.unet_tail_steps, initial=step, desc="unet alone") as bar:
+            while step < (recipe.unet_tail_steps if until is None else until):
+                texts, noisy, t, target = task.batch(7, step, train, latents)
+                loss = task.loss(unet(noisy, t, encoder_hidden_states=encode_text(texts)).sample, target, t)
+                for group in optimiser.param_groups:
+                    group["lr"] = recipe.unet_lr * recipe.unet_tail_lr_factor(step)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(live_params, recipe.grad_clip)
+                optimiser.step()
+                step += 1
+                with torch.no_grad():  # the EMA starts from trained weights: no warm-up of its decay
+                    torch._foreach_lerp_(ema_params, [p.detach() for p in live_params], 1 - recipe.ema_decay)
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                if step % TAIL_EVAL_EVERY == 0 or step == recipe.unet_tail_steps:
+                    losses[str(step)] = task.heldout_loss(ema, heldout, heldout_latents, encode_text)
+                    self.log(f"unet alone, step {step}: held-out denoising error {losses[str(step)]:.5f}")
+                if step % recipe.checkpoint_every == 0 or step == recipe.unet_tail_steps:
+                    state = {"unet": unet.state_dict(), "ema": ema.state_dict(), "optimiser": optimiser.state_dict(),
+                             "step": step, "heldout_loss": losses}
+                    _save_torch(path, state)
+                    self._tick("unet_tail")
+        if step == recipe.unet_tail_steps:
+            unet.load_state_dict(ema.state_dict())  # the exported model carries the EMA weights
+        unet.eval()
+        return {"unet_tail_heldout_loss": losses}
+
     # --- 6. export and measure ---------------------------------------------------------------------------------
     def export(self, pipeline: StableDiffusionPipeline, oracle: oracle_lib.Oracle, heldout: dict,
-               previous: dict | None = None) -> dict:
+               previous: dict | None = None, stage: str = "", extra: dict | None = None) -> dict:
         """Save the pipeline and oracle, measure and record the quality bars. `previous`: the metrics of the model
-        whose oracle alone was retrained (its pipeline's recipe and training times are kept)."""
+        of which only `stage` was trained again ("oracle": --retrain-oracle, "unet_tail": --continue-unet); its
+        recipe and training times are kept, with the stage's recipe keys updated and its time in a note. `extra`:
+        more entries for metrics.json."""
         recipe, timings, machine, notes = asdict(self.recipe), self.timings, hardware(), {}
         if previous is not None:
-            oracle_keys = {key: value for key, value in recipe.items() if key.startswith("oracle_")}
-            recipe = {**previous["recipe"], **oracle_keys}
+            stage_keys = {key: value for key, value in recipe.items() if key.startswith(f"{stage}_")}
+            recipe = {**previous["recipe"], **stage_keys}
             timings, machine = previous["timings_s"], previous["hardware"]
-            minutes = sum(self.timings.get(stage, 0.0) for stage in ("render", "oracle")) / 60
-            notes["timing_note"] = (previous.get("timing_note", "") + "\nThe oracle was retrained alone afterwards "
-                                    f"(`--retrain-oracle`: {minutes:.1f} min of rendering and training).").strip()
+            parts = ("render", "oracle") if stage == "oracle" else ("render", "encode", stage)
+            minutes = sum(self.timings.get(part, 0.0) for part in parts) / 60
+            done = STAGE_NOTES[stage].format(minutes=minutes, **recipe)
+            notes["timing_note"] = (previous.get("timing_note", "") + "\n" + done).strip()
+            extra = {**{key: previous[key] for key in ("unet_tail_heldout_loss",) if key in previous}, **(extra or {})}
         self._start("evaluate")
         staging = self.model_dir.with_name(f".{self.model_dir.name}.staging{os.getpid()}")
         if staging.exists():
@@ -362,6 +420,7 @@ class Trainer:
             "parameters": {name: sum(p.numel() for p in getattr(pipeline, name).parameters())
                            for name in ("text_encoder", "unet", "vae")},
             **notes,
+            **(extra or {}),
         }
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         metrics["folder_mb"] = folder_size(staging) / 2**20
@@ -371,6 +430,94 @@ class Trainer:
         replace_folder(staging, self.model_dir)
         self.log(f"model written to {self.model_dir} ({metrics['folder_mb']:.1f} MB)")
         return metrics
+
+
+STAGE_NOTES = {  # what a stage trained again on a finished model adds to its timing note
+    "oracle": "The oracle was retrained alone afterwards (`--retrain-oracle`: {minutes:.1f} min of rendering and "
+              "training).",
+    "unet_tail": "The UNet alone was trained {unet_tail_steps} steps more afterwards (`--continue-unet`: "
+                 "{minutes:.1f} min of rendering, encoding and training).",
+}
+TAIL_EVAL_EVERY = 500  # steps between held-out measurements of the UNet-alone tail
+
+
+class DenoisingTask:
+    """The diffusion training task on cached latents: one step's random batch (a function of the seed, the stage's
+    key and the step), the min-SNR-weighted loss, and a fixed held-out measurement."""
+
+    def __init__(self, recipe: Recipe, scheduler, device):
+        self.recipe, self.device = recipe, device
+        self.alphas = scheduler.alphas_cumprod.float().to(device)
+        self.timesteps = scheduler.config.num_train_timesteps
+        snr = self.alphas / (1 - self.alphas)
+        if recipe.prediction_type == "epsilon":
+            self.weights = snr.clamp(max=recipe.min_snr_gamma) / snr
+        else:
+            self.weights = snr.clamp(max=recipe.min_snr_gamma) / (snr + 1)
+
+    def batch(self, stage: int, step: int, data: dict, latents: torch.Tensor):
+        """Captions (some dropped to ""), noisy latents, timesteps and the prediction target of one step."""
+        recipe, device = self.recipe, self.device
+        generator = keyed_generator(recipe.seed, stage, step)
+        rng = np.random.default_rng([recipe.seed, stage, step])
+        index = torch.randint(len(latents), (recipe.unet_batch,), generator=generator)
+        texts = captions_for(data["kind"][index], data["colour"][index], data["view"][index], data["scale"][index],
+                             rng)
+        texts = ["" if drop else text for text, drop in zip(texts, rng.random(len(texts)) < recipe.caption_dropout)]
+        clean = latents[index].to(device)
+        noise = torch.randn(clean.shape, generator=generator).to(device)
+        t = torch.randint(self.timesteps, (len(index),), generator=generator).to(device)
+        noisy, target = self.noised(clean, noise, t)
+        return texts, noisy, t, target
+
+    def noised(self, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+        a = self.alphas[t].sqrt().view(-1, 1, 1, 1)
+        s = (1 - self.alphas[t]).sqrt().view(-1, 1, 1, 1)
+        target = noise if self.recipe.prediction_type == "epsilon" else a * noise - s * clean
+        return a * clean + s * noise, target
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (self.weights[t] * (prediction - target).pow(2).mean(dim=(1, 2, 3))).mean()
+
+    @torch.no_grad()
+    def heldout_loss(self, unet, data: dict, latents: torch.Tensor, encode_text, draws: int = 4) -> float:
+        """Mean squared error of the prediction on `draws` noisings of every held-out image (timesteps stratified
+        over the schedule, fixed draws, full captions): comparable between runs of one recipe."""
+        generator = keyed_generator(self.recipe.seed, 8, 0)
+        rng = np.random.default_rng([self.recipe.seed, 8, 0])
+        index = torch.arange(len(latents)).repeat(draws)
+        strata = 20
+        t = (torch.arange(len(index)) % strata) * (self.timesteps // strata)
+        t = t + torch.randint(self.timesteps // strata, (len(index),), generator=generator)
+        noise = torch.randn((len(index), *latents.shape[1:]), generator=generator)
+        texts = captions_for(data["kind"][index], data["colour"][index], data["view"][index], data["scale"][index],
+                             rng)
+        was_training, total = unet.training, 0.0
+        unet.eval()
+        for part in torch.arange(len(index)).split(256):
+            clean, step = latents[index[part]].to(self.device), t[part].to(self.device)
+            noisy, target = self.noised(clean, noise[part].to(self.device), step)
+            prediction = unet(noisy, step, encoder_hidden_states=encode_text([texts[i] for i in part])).sample
+            total += (prediction - target).pow(2).mean(dim=(1, 2, 3)).sum().item()
+        unet.train(was_training)
+        return total / len(index)
+
+
+class CaptionEncoder:
+    """A frozen text encoder's last hidden states of captions, each computed once."""
+
+    def __init__(self, tokenizer, text_encoder):
+        self.tokenizer, self.text_encoder, self.cache = tokenizer, text_encoder, {}
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        new = sorted(set(texts) - self.cache.keys())
+        if new:
+            ids = self.tokenizer(new, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+            device = self.text_encoder.device
+            self.cache.update(zip(new, self.text_encoder(ids.to(device)).last_hidden_state))
+        return torch.stack([self.cache[text] for text in texts])
 
 
 def replace_folder(new: Path, target: Path) -> None:
@@ -412,6 +559,9 @@ def main(argv=None) -> None:
     parser.add_argument("--retrain-oracle", action="store_true",
                         help="only retrain the oracle beside the model already in --model-dir (its weights kept) and "
                              "re-measure the model's quality bars with it")
+    parser.add_argument("--continue-unet", action="store_true",
+                        help="only train the UNet alone for unet_tail_steps more steps on the model already in "
+                             "--model-dir (its text encoder, VAE and oracle kept) and re-measure its quality bars")
     parser.add_argument("--model-card", action="store_true",
                         help="only regenerate README.md of --model-dir from its metrics.json and exit")
     add_config_arguments(parser)
@@ -431,13 +581,21 @@ def main(argv=None) -> None:
         raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.retrain_oracle and not (args.model_dir / "metrics.json").is_file():
-        raise UserError(f"--retrain-oracle needs a trained model in {args.model_dir} (its metrics.json is missing)")
+    for flag, wanted in (("--retrain-oracle", args.retrain_oracle), ("--continue-unet", args.continue_unet)):
+        if wanted and not (args.model_dir / "metrics.json").is_file():
+            raise UserError(f"{flag} needs a trained model in {args.model_dir} (its metrics.json is missing)")
+    if args.continue_unet and not cfg["unet_tail_steps"]:
+        raise UserError("--continue-unet needs unet_tail_steps > 0")
     prepare_run_dir(args.out, run_flags["resume"], run_flags["overwrite"], "train_tiny_backbone", WORK_FILES)
     recipe = Recipe(**cfg)
     started = time.time()
     trainer = Trainer(args.out, recipe, args.model_dir, args.device, log=tqdm.write)
-    metrics = trainer.retrain_oracle() if args.retrain_oracle else trainer.run()
+    if args.retrain_oracle:
+        metrics = trainer.retrain_oracle()
+    elif args.continue_unet:
+        metrics = trainer.continue_unet()
+    else:
+        metrics = trainer.run()
     quality = metrics["quality"]
     print(
         f"done in {(time.time() - started) / 60:.1f} min: {args.model_dir} ({metrics['folder_mb']:.1f} MB); "
