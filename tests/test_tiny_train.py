@@ -172,6 +172,7 @@ def test_continue_unet_records_the_tail_beside_the_models_training(toy_run, tmp_
         model / "unet/diffusion_pytorch_model.safetensors").read_bytes()
     with pytest.raises(UserError, match="already"):
         main([*tail[:2], str(tmp_path / "again"), *tail[3:]])
+    assert not (tmp_path / "again").exists(), "a refused run writes nothing"
 
 
 def _toy_recipe() -> dict:

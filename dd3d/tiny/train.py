@@ -7,7 +7,9 @@ atomically):
   2. train the oracle (kind / colour / view classifier, `dd3d.tiny.oracle`) and measure it on the held-out renders
   3. train the VAE (AutoencoderKL) on the training images; set its latent scaling factor
   4. encode the training images to latents once
-  5. train the text encoder (CLIPTextModel) and the UNet (UNet2DConditionModel) jointly, with EMA weights
+  5. train the text encoder (CLIPTextModel) and the UNet (UNet2DConditionModel) jointly, with EMA weights; then,
+     if the recipe has unet_tail_steps, the UNet alone with the text encoder frozen (also on a finished model:
+     --continue-unet)
   6. export a StableDiffusionPipeline folder (EMA weights) with the oracle beside it, measure the quality bars with
      the oracle (`dd3d.tiny.quality`), write metrics.json and the model card (`dd3d.tiny.model_card`), then move the
      folder into place in one step
@@ -118,9 +120,6 @@ class Trainer:
         """Only the UNet's tail (recipe.unet_tail_steps) on the model already in model_dir: its VAE, text encoder and
         oracle kept, the quality bars re-measured. The recorded recipe is the model's with the tail's keys updated."""
         previous = json.loads((self.model_dir / "metrics.json").read_text())
-        if previous["recipe"].get("unet_tail_steps"):
-            raise UserError(f"the model in {self.model_dir} has had its UNet-alone tail already; train a longer tail "
-                            "from scratch instead")
         train = self._cached_render("train", self.recipe.train_images, 1, True, {})
         heldout = self._cached_render("heldout", self.recipe.heldout_images, 2, True, {})
         pipeline = StableDiffusionPipeline.from_pretrained(str(self.model_dir))
@@ -584,8 +583,12 @@ def main(argv=None) -> None:
     for flag, wanted in (("--retrain-oracle", args.retrain_oracle), ("--continue-unet", args.continue_unet)):
         if wanted and not (args.model_dir / "metrics.json").is_file():
             raise UserError(f"{flag} needs a trained model in {args.model_dir} (its metrics.json is missing)")
-    if args.continue_unet and not cfg["unet_tail_steps"]:
-        raise UserError("--continue-unet needs unet_tail_steps > 0")
+    if args.continue_unet:
+        if not cfg["unet_tail_steps"]:
+            raise UserError("--continue-unet needs unet_tail_steps > 0")
+        if json.loads((args.model_dir / "metrics.json").read_text())["recipe"].get("unet_tail_steps"):
+            raise UserError(f"the model in {args.model_dir} has had its UNet-alone tail already; train a longer tail "
+                            "from scratch instead")
     prepare_run_dir(args.out, run_flags["resume"], run_flags["overwrite"], "train_tiny_backbone", WORK_FILES)
     recipe = Recipe(**cfg)
     started = time.time()
@@ -614,5 +617,7 @@ Examples:
   python scripts/train_tiny_backbone.py                           # the shipped recipe (about 100 min on 2 CPU cores)
   python scripts/train_tiny_backbone.py --threads 2 resume=true   # continue after a kill
   python scripts/train_tiny_backbone.py --device cuda             # much faster on a GPU
+  python scripts/train_tiny_backbone.py --continue-unet --out /tmp/tail --model-dir /tmp/model unet_tail_steps=2000
+                                             # the UNet alone 2000 steps more on a copy of the model in /tmp/model
   python scripts/train_tiny_backbone.py --out /tmp/t --model-dir /tmp/m unet_steps=500 train_images=4000  # a quick try
 """
