@@ -9,7 +9,8 @@ kind, four colours of one kind, two kinds of one colour, one kind in all sizes).
   dd3d       dd3d's defaults (configs/train_distribution.yaml: the per_reference objective, a shared base, the
              prompt mixture)
   <name>     any variant given with --variant name:key=value,key=value (stage-1 overrides, and sampling ones as
-             sample2d.<key>=value; variants with the same stage-1 overrides share one trained run)
+             sample2d.<key>=value; variants with the same stage-1 overrides share one trained run); "{class}" in
+             a value stands for the set's class words (the class prompt's without the article: "mug", "red object")
   k1         a single learned prompt (K=1, zero spread: Textual-Inversion-like)
   class      the plain class prompt ("a <kind>", "a <colour> object" when the set spans kinds)
   captions   the references' exact captions (the ceiling: what the model does when told exactly what to draw)
@@ -116,6 +117,8 @@ def learned_samples(refs: Path, runs: Path, seed: int, steps: int, n: int, overr
 def evaluate_set(name: str, args, oracle, backbone, variants: dict[str, list[str]]) -> dict:
     refs = reference_folder(name, args.work)
     labels, _, _ = ev.reference_reading(oracle, refs, ev.load_images(refs))
+    words = class_prompt(labels).split(" ", 1)[1]
+    variants = {variant: [o.replace("{class}", words) for o in overrides] for variant, overrides in variants.items()}
     rows: dict[str, list[dict]] = {}
     for seed in args.seeds:
         ceiling = ev.text_images(backbone, ev.exact_captions(labels, args.n), seed)
