@@ -68,11 +68,6 @@ CONFIG_RANGES = {
     "camera.height": (">=", 1),
     "renderer.ambient": (">=", 0),
     "renderer.diffuse": (">=", 0),
-    "renderer.albedo_jitter": (">", 0),
-    "loss.orient": (">=", 0),
-    "loss.sparsity": (">=", 0),
-    "loss.opaque": (">=", 0),
-    "loss.albedo_smooth": (">=", 0),
     "shading.albedo_steps": (">=", 0),
     "shading.albedo": (">=", 0, "<=", 1),
     "shading.textureless": (">=", 0, "<=", 1),
@@ -117,10 +112,9 @@ class Scene(torch.nn.Module):
         self.renderer = VolumeRenderer(**OmegaConf.to_container(cfg.renderer, resolve=True))
         self.occupancy = OccupancyGrid(radius=cfg.field.radius, **OmegaConf.to_container(cfg.occupancy, resolve=True))
 
-    def render(self, cameras, height: int, width: int, shading: str = "albedo", lights=None, normals=True,
-               smooth_albedo=False) -> dict:
+    def render(self, cameras, height: int, width: int, shading: str = "albedo", lights=None, normals=True) -> dict:
         origins, directions = camera_rays(cameras, height, width)
-        return self.renderer(self.field, origins, directions, self.occupancy, shading, lights, normals, smooth_albedo)
+        return self.renderer(self.field, origins, directions, self.occupancy, shading, lights, normals)
 
     def albedo(self, points: torch.Tensor) -> torch.Tensor:
         return self.field(points)[1]
@@ -361,7 +355,6 @@ def train_asset(cfg: DictConfig, backbone, prompts: ViewPrompts, asset: int, fol
             shading,
             lights.to(device),
             normals=cfg.loss.orient > 0,
-            smooth_albedo=cfg.loss.albedo_smooth > 0,
         )
         eps, uniforms = noise.draw(len(cameras), generator)
         cond, uncond = prompts.draw(cameras.views, eps, uniforms)
@@ -381,7 +374,6 @@ def train_asset(cfg: DictConfig, backbone, prompts: ViewPrompts, asset: int, fol
             + cfg.loss.orient * out["loss_orient"]
             + cfg.loss.sparsity * out["loss_sparsity"]
             + cfg.loss.opaque * out["loss_opaque"]
-            + cfg.loss.albedo_smooth * out["loss_albedo_smooth"]
         )
         if not torch.isfinite(loss):
             kept = checkpoints.paths()

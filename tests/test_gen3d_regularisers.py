@@ -1,5 +1,5 @@
-"""Stage 2's regularisers on fields with known answers: sparsity, opacity entropy, orientation, albedo smoothness
-(closed forms), and the CPU profile's weights against the SDS gradient they compete with."""
+"""Stage 2's regularisers on fields with known answers: sparsity, opacity entropy, orientation (closed forms), and
+the CPU profile's weights against the SDS gradient they compete with."""
 
 import math
 
@@ -56,54 +56,6 @@ def test_orientation_penalty_closed_form(sigma):
     origins, directions = axis_rays()
     out = VolumeRenderer(step_size=0.005, stratified=False).eval()(Slab(sigma), origins, directions)
     assert out["loss_orient"].item() == pytest.approx(1 - math.exp(-sigma), abs=5e-3)
-
-
-class StripedSlab(Slab):
-    """The slab with albedo 0.5 + slope * y (grey, clamped to [0, 1])."""
-
-    def __init__(self, sigma: float, slope: float):
-        super().__init__(sigma)
-        self.slope = slope
-
-    def __call__(self, points):
-        return self.density(points), (0.5 + self.slope * points[..., 1:2]).clamp(0, 1).expand(*points.shape[:-1], 3)
-
-
-@pytest.mark.parametrize("slope", [0.0, 0.8])
-def test_albedo_smoothness_closed_form(slope):
-    """The albedo changes by slope * N(0, jitter^2) to a jittered point: E|.| = slope * jitter * sqrt(2 / pi), weighted
-    by the ray's opacity; zero for a uniform albedo, and zero unless asked for."""
-    torch.manual_seed(0)
-    origins, directions = axis_rays(64)
-    renderer = VolumeRenderer(step_size=0.01, stratified=False, albedo_jitter=0.05).eval()
-    field = StripedSlab(1.0, slope)
-    out = renderer(field, origins, directions, normals=False, smooth_albedo=True)
-    expected = (1 - math.exp(-2.0)) * slope * 0.05 * math.sqrt(2 / math.pi)
-    assert out["loss_albedo_smooth"].item() == pytest.approx(expected, rel=0.05, abs=1e-6)
-    assert renderer(field, origins, directions, normals=False)["loss_albedo_smooth"].item() == 0.0
-
-
-def test_albedo_smoothness_flattens_a_noisy_albedo():
-    """Gradient steps on the penalty alone turn a field's random albedo towards a uniform one."""
-    from dd3d.nerf.field import NeRFField
-
-    torch.manual_seed(0)
-    field = NeRFField(encoding={"n_levels": 4, "base_resolution": 8, "max_resolution": 64, "log2_hashmap_size": 12})
-    torch.nn.init.uniform_(field.encoding.params, -1.0, 1.0)  # a speckled albedo
-    origins, directions = axis_rays(64)
-    renderer = VolumeRenderer(num_steps=64, stratified=False)
-    points = (torch.rand(2000, 3) - 0.5) * torch.tensor([1.0, 1.0, 0.0])  # where the rays pass: the plane z = 0
-
-    def spread():
-        return field(points)[1].std(0).mean().item()
-
-    before = spread()
-    optimiser = torch.optim.Adam(field.parameters(), lr=0.01)
-    for _ in range(60):
-        optimiser.zero_grad()
-        renderer(field, origins, directions, normals=False, smooth_albedo=True)["loss_albedo_smooth"].backward()
-        optimiser.step()
-    assert spread() < 0.5 * before
 
 
 def test_profiles_weigh_the_orientation_penalty_against_sds():

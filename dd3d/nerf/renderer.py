@@ -65,8 +65,7 @@ class VolumeRenderer(nn.Module):
     Shading (per call): "albedo"; "lambertian", albedo * (ambient + diffuse * max(0, n . l)) with l the unit
     vector to a point light; "textureless", the same with white albedo. Normals come from the field's density
     gradient and are evaluated only at samples whose weight exceeds `normal_weight_threshold` (others contribute
-    less than that to any output), as is the albedo smoothness penalty (`smooth_albedo`: the albedo's change to a
-    point jittered by N(0, albedo_jitter^2) per axis, a material smoothness term as nvdiffrec's). `background`: {type: solid, color: [r, g, b]} or {type: mlp, hidden_dim,
+    less than that to any output). `background`: {type: solid, color: [r, g, b]} or {type: mlp, hidden_dim,
     n_frequencies}. `backend`: auto | torch | nerfacc. The stratified jitter applies in training mode only
     (renderer.train() / .eval()). Rays are processed `chunk` at a time; render evaluation images under
     torch.no_grad() to keep memory bounded.
@@ -81,7 +80,6 @@ class VolumeRenderer(nn.Module):
         ambient: float = 0.1,
         diffuse: float = 0.9,
         normal_weight_threshold: float = 1e-4,
-        albedo_jitter: float = 0.02,
         chunk: int = 8192,
         backend: str = "auto",
     ):
@@ -93,7 +91,6 @@ class VolumeRenderer(nn.Module):
         self.num_steps, self.step_size, self.stratified = num_steps, step_size, stratified
         self.ambient, self.diffuse = ambient, diffuse
         self.normal_weight_threshold, self.chunk, self.backend = normal_weight_threshold, chunk, backend
-        self.albedo_jitter = albedo_jitter
         self.background = Background(**(background or {}))
         self._estimators = {}
 
@@ -106,14 +103,12 @@ class VolumeRenderer(nn.Module):
         shading: str = "albedo",
         light_positions: torch.Tensor | None = None,
         normals: bool = True,
-        smooth_albedo: bool = False,
     ) -> dict:
         """Rays (..., 3) -> dict with rgb (..., 3) (over the background), opacity (..., 1), depth (..., 1) (expected
         distance along the ray of what is seen, sum w t / opacity; 0 where empty), normal (..., 3) (sum w n, world
         space), the scalars loss_orient (DreamFusion: mean over rays of sum_i stopgrad(w_i) max(0, n_i . d)^2),
-        loss_sparsity (mean sqrt(opacity^2 + 0.01)), loss_opaque (mean binary entropy of opacity), loss_albedo_smooth
-        (mean over rays of sum_i stopgrad(w_i) mean |albedo(x_i) - albedo(x_i + jitter)|; zero unless
-        `smooth_albedo`), and the int num_samples. `light_positions`, needed unless shading is albedo: (3,), (B, 3) for rays (B, ..., 3), or
+        loss_sparsity (mean sqrt(opacity^2 + 0.01)), loss_opaque (mean binary entropy of opacity), and the int
+        num_samples. `light_positions`, needed unless shading is albedo: (3,), (B, 3) for rays (B, ..., 3), or
         one per ray. `normals=False` skips the normals (six density evaluations per sample) when shading is albedo:
         the normal map and loss_orient are then zero."""
         if shading not in SHADINGS:
@@ -127,7 +122,7 @@ class VolumeRenderer(nn.Module):
         step = self.step_size or 2.0 * math.sqrt(3.0) * field.radius / self.num_steps
         light_chunks = itertools.repeat(None) if lights is None else lights.split(self.chunk)
         parts = [
-            self._march(field, o, d, light, occupancy, shading, step, normals or shading != "albedo", smooth_albedo)
+            self._march(field, o, d, light, occupancy, shading, step, normals or shading != "albedo")
             for o, d, light in zip(origins.split(self.chunk), directions.split(self.chunk), light_chunks)
         ]
         out = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
@@ -143,12 +138,10 @@ class VolumeRenderer(nn.Module):
             "loss_orient": out["orient"].mean(),
             "loss_sparsity": (opacity.square() + 0.01).sqrt().mean(),
             "loss_opaque": entropy.mean(),
-            "loss_albedo_smooth": out["albedo_change"].mean(),
             "num_samples": int(out["num_samples"].sum()),
         }
 
-    def _march(self, field, origins, directions, lights, occupancy, shading: str, step: float, with_normals: bool,
-               smooth_albedo: bool):
+    def _march(self, field, origins, directions, lights, occupancy, shading: str, step: float, with_normals: bool):
         n_rays = origins.shape[0]
         use_nerfacc = self.backend != "torch" and origins.is_cuda and nerfacc_available()
         with torch.no_grad():
@@ -166,13 +159,8 @@ class VolumeRenderer(nn.Module):
         else:
             weights = packed_weights(t_starts, t_ends, density, ray_idx, n_rays)
 
-        visible = weights.detach() > self.normal_weight_threshold
-        keep = visible if with_normals else torch.zeros_like(visible)
+        keep = weights.detach() > (self.normal_weight_threshold if with_normals else math.inf)
         normals = torch.zeros_like(points).index_put((keep,), field.normals(points[keep]))
-        change = weights.new_zeros(weights.shape)
-        if smooth_albedo:
-            jittered = points[visible] + self.albedo_jitter * torch.randn_like(points[visible])
-            change = change.index_put((visible,), (albedo[visible] - field(jittered)[1]).abs().mean(-1))
         if shading == "albedo":
             colour = albedo
         else:
@@ -191,7 +179,6 @@ class VolumeRenderer(nn.Module):
             "depth": accumulate(weights[:, None] * t_mid[:, None]) / opacity.clamp(min=1e-6),
             "normal": accumulate(weights[:, None] * normals),
             "orient": accumulate((weights.detach() * facing)[:, None])[:, 0],
-            "albedo_change": accumulate((weights.detach() * change)[:, None])[:, 0],
             "num_samples": torch.tensor([ray_idx.numel()]),
         }
 
