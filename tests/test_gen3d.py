@@ -257,6 +257,7 @@ def test_fp16_model_trains_the_fp32_scene_on_cpu(tiny_model, dist_file, tmp_path
         (["dtype=fp8"], "dtype must be auto, fp32, fp16 or bf16"),
         (["camera.light_direction=[1,0]"], "light_direction must be null or a non-zero [x, y, z]"),
         (["renderer.ambient=-0.1"], "renderer.ambient"),
+        (["loss.sparsity=-1"], "loss.sparsity"),
     ],
 )
 def test_bad_input(args, message, tiny_model, tmp_path, capsys):
