@@ -18,6 +18,7 @@ TOY_VALUES = dict(
     train_images=48, heldout_images=16, resolution=16, oracle_steps=2, oracle_batch=8, oracle_other_images=20,
     vae_steps=2, vae_batch=4,
     unet_steps=2, unet_restart_steps=1, unet_restart_cycles=2, unet_batch=4, warmup_steps=1, checkpoint_every=2,
+    unet_tail_steps=0,  # trained without the tail, which --continue-unet adds
     eval_images_per_prompt=1, eval_steps=1,
 )
 TOY = [f"{key}={value}" for key, value in TOY_VALUES.items()] + [

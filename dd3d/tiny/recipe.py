@@ -43,7 +43,7 @@ class Recipe:
     unet_restart_steps: int = 2000  # after unet_steps, warm restarts: cosine cycles of this many steps,
     unet_restart_cycles: int = 2  # this many,
     unet_restart_lr_factor: float = 0.5  # each starting at this fraction of the base LRs
-    unet_tail_steps: int = 0  # then the UNet alone from its EMA weights, the text encoder frozen (so prompt
+    unet_tail_steps: int = 6000  # then the UNet alone from its EMA weights, the text encoder frozen (so prompt
     unet_tail_warmup: int = 50  # distributions learned on the model stay valid): a fresh optimiser, this warm-up to
                                 # unet_restart_lr_factor and a cosine to 10%, over unet_tail_steps
     unet_batch: int = 64

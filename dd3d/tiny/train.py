@@ -614,10 +614,10 @@ StableDiffusionPipeline folder with EMA weights and the oracle, measures the qua
 A killed run resumes where it stopped; every random draw follows from the seed.
 
 Examples:
-  python scripts/train_tiny_backbone.py                           # the shipped recipe (about 100 min on 2 CPU cores)
+  python scripts/train_tiny_backbone.py                           # the shipped recipe (about 155 min on 2 CPU cores)
   python scripts/train_tiny_backbone.py --threads 2 resume=true   # continue after a kill
   python scripts/train_tiny_backbone.py --device cuda             # much faster on a GPU
   python scripts/train_tiny_backbone.py --continue-unet --out /tmp/tail --model-dir /tmp/model unet_tail_steps=2000
-                                             # the UNet alone 2000 steps more on a copy of the model in /tmp/model
+                                             # the UNet alone 2000 steps more on a model trained with unet_tail_steps=0
   python scripts/train_tiny_backbone.py --out /tmp/t --model-dir /tmp/m unet_steps=500 train_images=4000  # a quick try
 """
