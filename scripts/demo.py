@@ -48,6 +48,7 @@ def main() -> None:
         model_args = ["--model", str(stand_in)]
     run = OUT / REFS.name
     asset = OUT / f"{REFS.name}-3d"
+    # The distribution is meant for stage 2, so its prompts are learned with view words (README, stage 1).
     step(
         "scripts/train_distribution.py",
         "--images",
@@ -57,6 +58,7 @@ def main() -> None:
         str(run),
         "overwrite=true",
         "steps=300",
+        "train.view_words=true",
         "checkpoint_every=100",
         "sample.every=100",
         "sample.steps=20",
