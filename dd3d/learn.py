@@ -169,7 +169,8 @@ def prompt_shares(backbone: Backbone, hidden: torch.Tensor, latents: torch.Tenso
     """Each prompt's share of the reference views (K,): the fraction of views whose denoising loss, summed over
     train.share_draws noise/timestep draws shared by all prompts, is lowest under that prompt. Timesteps are drawn
     from the noisiest (1 - train.share_min_t) of the schedule, where an image's colour and layout are decided (near
-    t = 0 every prompt denoises alike). Prompts that fit no reference get zero weight in the prompt-mixture sampler."""
+    t = 0 every prompt denoises alike). Prompts that fit no reference get zero weight in the prompt-mixture sampler.
+    Each UNet call denoises up to `chunk` (prompt, view) pairs: several prompts at once when the views are few."""
     generator = torch.Generator().manual_seed(seed)
     device, count = hidden.device, len(latents)
     first_t = int(train_cfg.share_min_t * backbone.num_train_timesteps)
@@ -183,10 +184,15 @@ def prompt_shares(backbone: Backbone, hidden: torch.Tensor, latents: torch.Tenso
             noisy = backbone.add_noise(clean, eps, steps)
             target = backbone.training_target(clean, eps, steps).float()
             weights = min_snr_weights(backbone, steps, train_cfg.min_snr_gamma)
-            for k, row in enumerate(hidden):
-                prediction = backbone.predict(noisy, steps, row.expand(len(noisy), -1, -1)).float()
-                error = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
-                losses[k, part] += (error * weights).cpu()
+            per_call = max(1, chunk // len(noisy))
+            for first in range(0, len(hidden), per_call):
+                rows = hidden[first:first + per_call]  # each view's copies side by side, as in training
+                copies = len(rows)
+                prediction = backbone.predict(noisy.repeat_interleave(copies, dim=0),
+                                              steps.repeat_interleave(copies), rows.repeat(len(noisy), 1, 1)).float()
+                error = F.mse_loss(prediction, target.repeat_interleave(copies, dim=0), reduction="none")
+                error = error.mean(dim=(1, 2, 3))
+                losses[first:first + len(rows), part] += (error.view(len(noisy), -1).T * weights).cpu()
     return torch.bincount(losses.argmin(dim=0), minlength=len(hidden)).float() / count
 
 
