@@ -217,6 +217,21 @@ def test_prompt_shares_read_the_noisy_half_of_the_schedule(backbone, monkeypatch
         assert check(torch.cat(seen)), low
 
 
+def test_prompt_shares_do_not_depend_on_how_many_prompts_share_a_unet_call(backbone):
+    """The share pass batches (prompt, view) pairs up to `chunk` per call: one prompt per call, two (the last call
+    one), and all at once give the same shares, each view credited to its own best prompt."""
+    from omegaconf import OmegaConf
+
+    from dd3d.learn import prompt_shares
+
+    latents = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    hidden = 3 * torch.randn(3, 77, 32, generator=torch.Generator().manual_seed(1))
+    cfg = OmegaConf.create({"share_draws": 2, "share_min_t": 0.5, "min_snr_gamma": 5.0})
+    shares = [prompt_shares(backbone, hidden, latents, cfg, 0, chunk=chunk) for chunk in (6, 12, 64)]
+    assert (shares[0] > 0).sum() >= 2  # the views do not all prefer one prompt: the test can tell them apart
+    assert torch.equal(shares[0], shares[1]) and torch.equal(shares[0], shares[2])
+
+
 def test_prompt_views_pick_the_word_each_prompts_references_denoise_best_with(backbone, monkeypatch):
     """train.view_words: a model whose error on a reference is (word index - the word it shows): each prompt gets the
     word of the reference it was learned from."""
