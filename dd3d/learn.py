@@ -192,7 +192,7 @@ def prompt_shares(backbone: Backbone, hidden: torch.Tensor, latents: torch.Tenso
                                               steps.repeat_interleave(copies), rows.repeat(len(noisy), 1, 1)).float()
                 error = F.mse_loss(prediction, target.repeat_interleave(copies, dim=0), reduction="none")
                 error = error.mean(dim=(1, 2, 3))
-                losses[first:first + len(rows), part] += (error.view(len(noisy), -1).T * weights).cpu()
+                losses[first:first + copies, part] += (error.view(len(noisy), copies).T * weights).cpu()
     return torch.bincount(losses.argmin(dim=0), minlength=len(hidden)).float() / count
 
 
